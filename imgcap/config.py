@@ -1,0 +1,222 @@
+"""Declarative job configuration: TOML files loaded into typed, validated dataclasses.
+
+Every job reads one TOML file whose tables map onto the dataclasses below. Loading rejects unknown keys,
+wrong types and out-of-range values with a message naming the file, the key and what to change, so a bad
+config fails before any data is read or any Ray worker starts.
+
+Relative paths in a config are resolved against the directory of the config file, so a config can be run
+from anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message says which key and how to fix it."""
+
+
+T = TypeVar("T")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How captions are normalised and which words enter the vocabulary."""
+
+    mode: Literal["standard", "seed"] = "standard"
+    min_count: int = 5
+    max_length: int = 40  # tokens, including <start>/<end>; longer captions are truncated
+
+    def __post_init__(self) -> None:
+        _check(self.min_count >= 1, f"text.min_count must be >= 1, got {self.min_count}")
+        _check(self.max_length >= 3, f"text.max_length must be >= 3, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The caption decoder (see imgcap.model)."""
+
+    architecture: Literal["merge", "inject"] = "merge"
+    embedding_dim: int = 256
+    units: int = 256
+    dropout: float = 0.5
+    embedding_dropout: float = 0.0
+    glove_path: str | None = None  # GloVe text file; its dimension must equal embedding_dim
+    glove_trainable: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.embedding_dim > 0 and self.units > 0, "model.embedding_dim and model.units must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(0.0 <= self.embedding_dropout < 1.0, "model.embedding_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of the caption decoder (see imgcap.train)."""
+
+    epochs: int = 10
+    batch_size: int = 64  # captions per step (global batch, over all workers)
+    learning_rate: float = 1e-3
+    lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
+    label_smoothing: float = 0.0
+    clip_norm: float = 5.0
+    patience: int = 3  # stop after this many epochs without a better dev loss (0: never stop early)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        _check(0 < self.lr_decay <= 1, f"train.lr_decay must be in (0, 1], got {self.lr_decay}")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
+        _check(self.clip_norm > 0, "train.clip_norm must be > 0")
+        _check(self.patience >= 0, "train.patience must be >= 0")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Caption generation (see imgcap.beam)."""
+
+    beam_width: int = 3  # 1 means greedy decoding
+    length_penalty: float = 0.0  # score = log p / length**length_penalty (0: plain log-probability)
+    max_length: int = 30
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.beam_width >= 1, f"decode.beam_width must be >= 1, got {self.beam_width}")
+        _check(self.length_penalty >= 0, "decode.length_penalty must be >= 0")
+        _check(self.max_length >= 1, "decode.max_length must be >= 1")
+        _check(self.batch_size >= 1, "decode.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where captions, splits and image features come from."""
+
+    captions: str = ""  # caption file: Flickr8k token / Kaggle csv / COCO json / Karpathy json
+    captions_format: Literal["auto", "flickr8k", "csv", "coco", "karpathy"] = "auto"
+    features: str = ""  # features file: .npz (ids, features) or a Parquet file/directory from extraction
+    train_split: str | None = None  # split files listing image names; none: deterministic split
+    dev_split: str | None = None
+    dev_fraction: float = 0.1  # used only when no split files are given
+    max_train_images: int = 0  # 0: all
+    max_dev_images: int = 0
+    skip_malformed: bool = False  # count and skip malformed caption lines instead of failing
+
+    def __post_init__(self) -> None:
+        _check(bool(self.captions), "data.captions is required: the caption file to train on")
+        _check(bool(self.features), "data.features is required: the .npz or Parquet features")
+        _check(0.0 < self.dev_fraction < 1.0, "data.dev_fraction must be in (0, 1)")
+        _check((self.train_split is None) == (self.dev_split is None),
+               "data.train_split and data.dev_split go together: give both or neither")
+
+
+@dataclass(frozen=True)
+class TrainJobConfig:
+    """Config of jobs/train.py: data + text + model + optimisation, and where the bundle goes."""
+
+    data: DataConfig
+    output_dir: str = "runs/train"
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+_PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir"}
+
+
+def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:
+    """Check `value` against a (resolved) type annotation and convert nested tables to dataclasses."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        _check(isinstance(value, dict), f"{where} must be a table, got {value!r}")
+        return _build(annotation, value, where, base)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _check(value in choices, f"{where} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [a for a in options if a is not type(None)]
+        return _coerce(value, inner[0], where, base)
+    if origin in (list, tuple):
+        _check(isinstance(value, list), f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1]
+        return type(origin())(_coerce(v, item, f"{where}[{i}]", base) for i, v in enumerate(value))
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+               f"{where} must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        return value
+    if annotation in (str, bool):
+        _check(isinstance(value, annotation), f"{where} must be a {annotation.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], table: dict[str, Any], where: str, base: Path) -> T:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    _check(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{where}.{name}" if where else name
+        value = _coerce(value, hints[name], key, base)
+        if name in _PATH_KEYS and isinstance(value, str) and value and "://" not in value:
+            value = str((base / value).resolve()) if not Path(value).is_absolute() else value
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required table or key is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+
+
+def config_from_dict(cls: type[T], table: dict[str, Any], base_dir: str | Path = ".") -> T:
+    """Build and validate a config dataclass from a plain dict (as parsed from TOML)."""
+    return _build(cls, table, "", Path(base_dir).resolve())
+
+
+def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Load `path` (TOML) into `cls`, applying dotted-key `overrides` (e.g. {"train.epochs": 2}) first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = table
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return config_from_dict(cls, table, path.parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The plain-dict form of a config dataclass (for recording in bundles and checkpoints)."""
+    return dataclasses.asdict(config)
