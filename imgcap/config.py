@@ -72,7 +72,8 @@ class TrainConfig:
     lr_decay: float = 1.0  # learning rate multiplied by this after every epoch
     label_smoothing: float = 0.0
     clip_norm: float = 5.0
-    patience: int = 3  # stop after this many epochs without a better dev loss (0: never stop early)
+    select_by: Literal["bleu", "loss"] = "bleu"  # best epoch: greedy dev BLEU-4, or dev loss
+    patience: int = 3  # stop after this many epochs without a better dev score (0: never stop early)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +109,7 @@ class DataConfig:
     captions: str = ""  # caption file: Flickr8k token / Kaggle csv / COCO json / Karpathy json
     captions_format: Literal["auto", "flickr8k", "csv", "coco", "karpathy"] = "auto"
     features: str = ""  # features file: .npz (ids, features) or a Parquet file/directory from extraction
+    backbone: str = ""  # the CNN that made the features (recorded in the bundle for `imgcap caption`)
     train_split: str | None = None  # split files listing image names; none: deterministic split
     dev_split: str | None = None
     dev_fraction: float = 0.1  # used only when no split files are given
@@ -135,7 +137,8 @@ class TrainJobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
-_PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir"}
+_PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
+              "path", "weights_file"}
 
 
 def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:
@@ -220,3 +223,72 @@ def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The plain-dict form of a config dataclass (for recording in bundles and checkpoints)."""
     return dataclasses.asdict(config)
+
+
+# --- feature extraction (jobs/extract_features.py)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One image source: a directory, list file, archive or s3:// URI (see imgcap.sources)."""
+
+    path: str
+    recursive: bool = True  # directories and S3 prefixes: descend into subdirectories
+    include_archives: bool = False  # directories and S3 prefixes: also read the archives found in them
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "sources[].path is required: a directory, list file, archive or s3:// URI")
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """S3 access; unset keys fall back to boto3's usual sources (AWS_* env, ~/.aws, instance role)."""
+
+    endpoint_url: str | None = None  # S3-compatible stores (MinIO, Ceph); AWS_ENDPOINT_URL also works
+    region: str | None = None
+    profile: str | None = None  # a profile of ~/.aws/config; AWS_PROFILE also works
+    anonymous: bool = False  # unsigned requests, for public buckets
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Config of jobs/extract_features.py: images -> CNN features in Parquet (see imgcap.features)."""
+
+    sources: list[SourceConfig]
+    output_dir: str = "runs/features"  # Parquet directory; rerunning into it skips images already there
+    backbone: str = "mobilenet_v2"  # one of imgcap.backbones.BACKBONES
+    weights: Literal["imagenet", "none"] = "imagenet"  # "none": random init (tests only)
+    weights_file: str | None = None  # a local Keras weights file; overrides `weights`
+    pooling: Literal["default", "avg", "max", "none"] = "default"
+    extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp",
+                                                           ".tif", ".tiff"])
+    id_from: Literal["stem", "relpath"] = "stem"  # image id: file name without extension, or relative path
+    resize: Literal["stretch", "center_crop"] = "stretch"  # stretch = load_img(target_size), as the seeds
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "nearest"
+    jpeg_draft: bool = False  # decode big JPEGs at reduced scale (faster; not bit-identical to load_img)
+    max_pixels: int = 50_000_000  # larger images become error rows without being decoded
+    batch_size: int = 32  # images per CNN forward pass
+    shard_size: int = 64  # images per read/decode task
+    actors: int = 1  # CNN actors (one model load each)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0  # used only when the cluster has GPUs; 0 keeps the CNN on CPU
+    rows_per_file: int = 5000  # Parquet rows per output file (bounds file size and the work lost to a kill)
+    s3: S3Config = field(default_factory=S3Config)
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "sources must list at least one source, e.g. sources = [{path = \"images\"}]")
+        _check(bool(self.output_dir), "output_dir is required")
+        from imgcap.backbones import BACKBONES  # light: no TensorFlow import
+
+        _check(self.backbone in BACKBONES,
+               f"backbone must be one of {', '.join(sorted(BACKBONES))}; got {self.backbone!r}")
+        _check(not (self.weights == "none" and self.weights_file),
+               "weights = \"none\" contradicts weights_file; remove one of them")
+        _check(len(self.extensions) > 0 and all(e.startswith(".") for e in self.extensions),
+               f"extensions must be a non-empty list like [\".jpg\", \".png\"], got {self.extensions}")
+        _check(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        _check(self.cpus_per_actor >= 0 and self.gpus_per_actor >= 0, "cpus_per_actor/gpus_per_actor must be >= 0")
+        _check(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")

@@ -1,0 +1,434 @@
+"""Image sources for feature extraction: local directories, list files, S3 prefixes and archives.
+
+Listing runs on the driver and yields one `ImageRef` per image (no pixel data); reading runs in Ray tasks,
+one *shard* of refs at a time, so only URIs travel to the workers and every worker reads its own bytes.
+
+What a source path means (decided by `list_images`, in this order):
+
+- `*.tar`, `*.tar.gz`, `*.tgz`, `*.zip` (local or `s3://`): an archive; its image members are listed without
+  unpacking. Member source URIs read `archive.tar!member/path.jpg`. Members of an uncompressed tar are read by
+  byte range (random access, any shard size); members of a zip through the zip's central directory; a
+  compressed tar can only be streamed, so each compressed tar is read by one task from start to end.
+- `s3://bucket/key.jpg` (an image extension): that object; `s3://bucket/prefix`: every image under the prefix,
+  treated as a directory (`s3://b/photos` lists `photos/...`, not `photos2/...`).
+- a local directory: every file whose extension is an image extension (case-insensitive), recursively unless
+  `recursive = false`; symlinked files are included (a dangling one becomes an error row), symlinked
+  directories are not followed.
+- `*.txt`, `*.lst`, `*.list`: a list file, one path or URI per line (blank lines and `# comments` skipped),
+  relative paths relative to the list file; lines may name images or archives. Listed images are not checked
+  for existence here: a missing one becomes an error row when read.
+- any other local file with an image extension: that image.
+
+Hidden names (starting with `.`, e.g. macOS `._x.jpg` resource forks) and `__MACOSX/` members are skipped.
+
+Image ids are the file name without its extension (`1000268201_693b08cb0e.jpg` -> `1000268201_693b08cb0e`,
+the Flickr convention) or, with `id_from = "relpath"`, the path relative to the source root without the
+extension. Two images with the same id are a `SourceError` naming both, never a silent drop.
+
+S3 access uses boto3 the usual way: credentials from the environment / shared config / instance role,
+`AWS_PROFILE` or the `profile` option, `AWS_ENDPOINT_URL` or the `endpoint_url` option for S3-compatible
+stores (MinIO, Ceph, moto), and `anonymous = true` for public buckets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import posixpath
+import tarfile
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+# First bytes of gzip, bzip2 and xz streams: a tar starting with one of these cannot be read by byte range.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+ShardMode = Literal["files", "zip", "tar_stream"]
+
+
+class SourceError(ValueError):
+    """A source cannot be listed (missing, unknown kind, id collision); the message names it."""
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3; every field None/False means boto3's defaults (env, profile, instance role)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    anonymous: bool = False
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image to extract: its id, its source URI, and where its bytes are.
+
+    `location` is a local path or `s3://` URI of the file holding the bytes (the image itself or an archive);
+    `member` names the archive member; `offset`/`size` give a byte range inside `location` (uncompressed tar
+    members) and are None for a whole file.
+    """
+
+    image_id: str
+    source: str
+    location: str
+    member: str | None = None
+    offset: int | None = None
+    size: int | None = None
+    mode: ShardMode = "files"
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """The bytes read for one image, or None and an error message saying why they could not be read."""
+
+    image_id: str
+    source: str
+    data: bytes | None
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- S3 access
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/key` -> (bucket, key)."""
+    if not uri.startswith("s3://"):
+        raise SourceError(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise SourceError(f"s3 URI has no bucket: {uri}")
+    return bucket, key
+
+
+def s3_client(options: S3Options) -> Any:
+    """A boto3 S3 client; an explicit endpoint/profile/region wins over the environment's."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
+    config = Config(signature_version=UNSIGNED) if options.anonymous else None
+    return session.client("s3", endpoint_url=options.endpoint_url, config=config)
+
+
+class _S3RangeFile(io.RawIOBase):
+    """A read-only, seekable file over one S3 object, fetching byte ranges on demand (for zip central
+    directories and tar members, so an archive is never downloaded whole to read part of it)."""
+
+    def __init__(self, client: Any, bucket: str, key: str) -> None:
+        super().__init__()
+        self._client, self._bucket, self._key = client, bucket, key
+        self._size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self._size - self._pos)
+        if count <= 0:
+            return 0
+        end = self._pos + count - 1
+        body = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-{end}")
+        data = body["Body"].read()
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def open_random_access(location: str, options: S3Options, client: Any = None) -> IO[bytes]:
+    """A seekable binary file for a local path or an `s3://` object (read by ranges, 1 MiB buffered)."""
+    if location.startswith("s3://"):
+        bucket, key = split_s3_uri(location)
+        raw = _S3RangeFile(client or s3_client(options), bucket, key)
+        return io.BufferedReader(raw, buffer_size=1 << 20)
+    return open(location, "rb")
+
+
+def open_stream(location: str, options: S3Options, client: Any = None) -> IO[bytes]:
+    """A sequential binary stream for a local path or an `s3://` object (one GET, read as it arrives)."""
+    if location.startswith("s3://"):
+        bucket, key = split_s3_uri(location)
+        return (client or s3_client(options)).get_object(Bucket=bucket, Key=key)["Body"]
+    return open(location, "rb")
+
+
+def read_range(location: str, options: S3Options, offset: int | None = None, size: int | None = None,
+               client: Any = None) -> bytes:
+    """The bytes of a whole local file / S3 object, or of `size` bytes at `offset` within it."""
+    if location.startswith("s3://"):
+        bucket, key = split_s3_uri(location)
+        if offset is not None and not size:
+            return b""
+        kwargs = {"Range": f"bytes={offset}-{offset + size - 1}"} if offset is not None else {}
+        return (client or s3_client(options)).get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
+    with open(location, "rb") as handle:
+        if offset is None:
+            return handle.read()
+        handle.seek(offset)
+        return handle.read(size)
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def _is_image_name(name: str, extensions: Sequence[str]) -> bool:
+    base = posixpath.basename(name)
+    return not base.startswith(".") and base.lower().endswith(tuple(extensions))
+
+
+def _is_archive(name: str) -> bool:
+    return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _image_id(relative: str, id_from: str) -> str:
+    """Image id from a path relative to its source root: the stem, or the relative path minus extension."""
+    relative = relative.replace(os.sep, "/").lstrip("/")
+    stem_path = posixpath.splitext(relative)[0]
+    return stem_path if id_from == "relpath" else posixpath.basename(stem_path)
+
+
+def _join(base: str, relative: str) -> str:
+    """`relative` (a line of a list file) resolved against the directory `base` (local or s3://)."""
+    if relative.startswith("s3://") or os.path.isabs(relative):
+        return relative
+    if base.startswith("s3://"):
+        return posixpath.normpath(posixpath.join(base, relative)).replace("s3:/", "s3://", 1)
+    return str(Path(base, relative).resolve())
+
+
+def _is_compressed(location: str, options: S3Options, client: Any) -> bool:
+    with contextlib.closing(open_stream(location, options, client)) as head:
+        magic = head.read(6)
+    return magic.startswith(_COMPRESSED_MAGIC)
+
+
+def list_archive(location: str, options: S3Options, id_from: str = "stem",
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, client: Any = None) -> list[ImageRef]:
+    """Image members of a tar / tar.gz / zip archive (local or S3), in archive order."""
+    refs = []
+    try:
+        if location.lower().endswith(".zip"):
+            with open_random_access(location, options, client) as handle, zipfile.ZipFile(handle) as archive:
+                for info in archive.infolist():
+                    if not info.is_dir() and _is_image_name(info.filename, extensions) \
+                            and not info.filename.startswith("__MACOSX/"):
+                        refs.append(ImageRef(_image_id(info.filename, id_from), f"{location}!{info.filename}",
+                                             location, member=info.filename, mode="zip"))
+            return refs
+        compressed = _is_compressed(location, options, client)
+        # Local archives are opened seekable, so listing an uncompressed tar skips member data.
+        with contextlib.ExitStack() as stack:
+            if location.startswith("s3://"):
+                stream = stack.enter_context(contextlib.closing(open_stream(location, options, client)))
+                archive = stack.enter_context(tarfile.open(fileobj=stream, mode="r|*"))
+            else:
+                archive = stack.enter_context(tarfile.open(location, "r:*"))
+            for member in archive:
+                if member.isfile() and _is_image_name(member.name, extensions):
+                    ref = ImageRef(_image_id(member.name, id_from), f"{location}!{member.name}", location,
+                                   member=member.name)
+                    refs.append(dataclasses.replace(ref, mode="tar_stream") if compressed else
+                                dataclasses.replace(ref, offset=member.offset_data, size=member.size))
+    except (OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        raise SourceError(f"cannot list archive {location}: {type(exc).__name__}: {exc}") from exc
+    return refs
+
+
+def _list_directory(root: Path, recursive: bool, extensions: Sequence[str], include_archives: bool,
+                    id_from: str, options: S3Options) -> Iterator[ImageRef]:
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            path = Path(directory, name)
+            if include_archives and _is_archive(name):
+                yield from list_archive(str(path), options, id_from, extensions)
+            elif _is_image_name(name, extensions):
+                yield ImageRef(_image_id(str(path.relative_to(root)), id_from), str(path), str(path))
+
+
+def _list_s3_prefix(uri: str, recursive: bool, extensions: Sequence[str], include_archives: bool,
+                    id_from: str, options: S3Options, client: Any) -> Iterator[ImageRef]:
+    bucket, prefix = split_s3_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    kwargs = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(**kwargs):
+            for obj in page.get("Contents", []):
+                key, location = obj["Key"], f"s3://{bucket}/{obj['Key']}"
+                if include_archives and _is_archive(key):
+                    yield from list_archive(location, options, id_from, extensions, client)
+                elif _is_image_name(key, extensions):
+                    yield ImageRef(_image_id(key[len(prefix):], id_from), location, location)
+    except Exception as exc:  # botocore's errors share no base class worth naming; report which source failed
+        raise SourceError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def _list_file(path: str, options: S3Options, id_from: str, extensions: Sequence[str],
+               client: Any) -> Iterator[ImageRef]:
+    try:
+        text = read_range(path, options, client=client).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read list file {path}: {exc}") from exc
+    base = posixpath.dirname(path) if path.startswith("s3://") else str(Path(path).parent)
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        target = _join(base, line)
+        if _is_archive(target):
+            yield from list_archive(target, options, id_from, extensions, client)
+        else:
+            yield ImageRef(_image_id(line, id_from), target, target)
+
+
+def list_source(path: str, options: S3Options, *, recursive: bool = True, include_archives: bool = False,
+                extensions: Sequence[str] = IMAGE_EXTENSIONS, id_from: str = "stem",
+                client: Any = None) -> list[ImageRef]:
+    """Every image of one source (see the module docstring for how `path` is interpreted)."""
+    extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    if path.startswith("s3://"):
+        client = client or s3_client(options)
+        if _is_archive(path):
+            return list_archive(path, options, id_from, extensions, client)
+        if path.lower().endswith(LIST_SUFFIXES):
+            return list(_list_file(path, options, id_from, extensions, client))
+        if path.lower().endswith(extensions):
+            return [ImageRef(_image_id(posixpath.basename(path), "stem"), path, path)]
+        return list(_list_s3_prefix(path, recursive, extensions, include_archives, id_from, options, client))
+    local = Path(path)
+    if local.is_dir():
+        return list(_list_directory(local, recursive, extensions, include_archives, id_from, options))
+    if not local.exists():
+        raise SourceError(f"source not found: {path}")
+    if _is_archive(path):
+        return list_archive(path, options, id_from, extensions)
+    if path.lower().endswith(LIST_SUFFIXES):
+        return list(_list_file(str(local.resolve()), options, id_from, extensions, client))
+    if path.lower().endswith(extensions):
+        return [ImageRef(_image_id(local.name, "stem"), path, path)]
+    raise SourceError(f"cannot tell what {path} is: expected a directory, an archive ({', '.join(ARCHIVE_SUFFIXES)}),"
+                      f" a list file ({', '.join(LIST_SUFFIXES)}) or an image ({', '.join(extensions)})")
+
+
+def check_unique_ids(refs: Iterable[ImageRef]) -> None:
+    """Raise SourceError naming colliding image ids (two sources, one id) instead of dropping either."""
+    first: dict[str, str] = {}
+    collisions = []
+    for ref in refs:
+        if ref.image_id in first:
+            collisions.append(f"{ref.image_id!r}: {first[ref.image_id]} and {ref.source}")
+        else:
+            first[ref.image_id] = ref.source
+    if collisions:
+        shown = "; ".join(collisions[:5])
+        raise SourceError(f"{len(collisions)} image id collision(s): {shown}"
+                          f"{' ...' if len(collisions) > 5 else ''}. Image ids must be unique: rename or remove"
+                          f" the duplicates, or set id_from = \"relpath\" to use paths relative to each source")
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def plan_shards(refs: Sequence[ImageRef], shard_size: int) -> list[dict[str, str]]:
+    """Group refs into read tasks: `shard_size` files or random-access members each; one task per
+    compressed tar (it can only be read from the start). Each shard is a flat dict (a Ray Data row)."""
+    groups: dict[tuple[str, str], list[ImageRef]] = {}
+    for ref in refs:
+        key = ("files", "") if ref.mode == "files" else (ref.mode, ref.location)
+        groups.setdefault(key, []).append(ref)
+    shards = []
+    for (mode, location), members in groups.items():
+        step = len(members) if mode == "tar_stream" else shard_size
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
+            rows = [[r.image_id, r.source, r.location, r.member, r.offset, r.size] for r in chunk]
+            shards.append({"mode": mode, "location": location, "refs": json.dumps(rows)})
+    return shards
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"unreadable: {type(exc).__name__}: {exc}"
+
+
+def read_shard(shard: dict[str, str], options: S3Options, chunk: int = 32) -> Iterator[list[RawImage]]:
+    """Read the bytes of every image of a shard, `chunk` images at a time. Never raises for a bad image or a
+    bad archive: those become RawImage rows with `data=None` and an error message."""
+    refs = [ImageRef(*row, mode=shard["mode"]) for row in json.loads(shard["refs"])]
+    client = s3_client(options) if any(r.location.startswith("s3://") for r in refs) else None
+    out: list[RawImage] = []
+    emitted: set[str] = set()
+
+    def emit(ref: ImageRef, data: bytes | None, error: str = "") -> Iterator[list[RawImage]]:
+        emitted.add(ref.image_id)
+        out.append(RawImage(ref.image_id, ref.source, data, error))
+        if len(out) >= chunk:
+            yield out.copy()
+            out.clear()
+
+    if shard["mode"] == "files":
+        for ref in refs:
+            try:
+                data = read_range(ref.location, options, ref.offset, ref.size, client)
+            except Exception as exc:  # any failure to read one file is that image's error row
+                yield from emit(ref, None, _error_text(exc))
+            else:
+                yield from emit(ref, data)
+    elif shard["mode"] == "zip":
+        try:
+            with open_random_access(shard["location"], options, client) as handle, \
+                    zipfile.ZipFile(handle) as archive:
+                for ref in refs:
+                    try:
+                        data = archive.read(ref.member)
+                    except Exception as exc:  # a corrupt member fails alone
+                        yield from emit(ref, None, _error_text(exc))
+                    else:
+                        yield from emit(ref, data)
+        except Exception as exc:  # the archive itself is unreadable: every image not yet emitted fails
+            for ref in refs:
+                if ref.image_id not in emitted:
+                    yield from emit(ref, None, _error_text(exc))
+    else:
+        wanted = {ref.member: ref for ref in refs}
+        try:
+            with contextlib.closing(open_stream(shard["location"], options, client)) as stream, \
+                    tarfile.open(fileobj=stream, mode="r|*") as archive:
+                for member in archive:
+                    ref = wanted.pop(member.name, None)
+                    if ref is None:
+                        continue
+                    try:
+                        data = archive.extractfile(member).read()
+                    except Exception as exc:
+                        yield from emit(ref, None, _error_text(exc))
+                    else:
+                        yield from emit(ref, data)
+            for ref in list(wanted.values()):
+                yield from emit(ref, None, "unreadable: member not found in archive")
+        except Exception as exc:  # truncated / corrupt stream: the members not reached fail
+            for ref in list(wanted.values()):
+                yield from emit(ref, None, _error_text(exc))
+    if out:
+        yield out

@@ -1,0 +1,173 @@
+"""Model, training, greedy/beam decoding and bundles on a small learnable toy problem."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
+from imgcap.bundle import CaptionBundle, load_bundle
+from imgcap.config import DecodeConfig, ModelConfig, TextConfig, TrainConfig
+from imgcap.dataset import build_examples, iterate_batches, tokenize_corpus
+from imgcap.evaluate import nltk_corpus_bleu
+from imgcap.model import CaptionModel
+from imgcap.text import PAD_ID, START_ID, UNK_ID, Vocabulary
+from imgcap.train import CaptionTrainer, build_model, fit
+from toy import make_toy_corpus
+
+
+@pytest.fixture(scope="module")
+def toy():
+    corpus, table = make_toy_corpus(400, seed=1)
+    train_ids, dev_ids = table.ids[:320], table.ids[320:]
+    tokens = tokenize_corpus(corpus, table.ids, "standard")
+    vocab = Vocabulary.build([c for i in train_ids for c in tokens[i]], min_count=1)
+    rows = table.index()
+    train = build_examples({i: tokens[i] for i in train_ids}, rows, vocab, 20)
+    dev = build_examples({i: tokens[i] for i in dev_ids}, rows, vocab, 20)
+    dev_features = table.select(dev_ids).features
+    dev_refs = [tokens[i] for i in dev_ids]
+    return vocab, table.features, train, dev, dev_features, dev_refs
+
+
+@pytest.fixture(scope="module", params=["merge", "inject"])
+def trained(request, toy):
+    vocab, features, train, dev, dev_features, dev_refs = toy
+    config = TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, patience=0, select_by="loss")
+    model = build_model(ModelConfig(architecture=request.param, embedding_dim=32, units=64, dropout=0.1),
+                        vocab, features.shape[1], seed=0)
+    trainer = CaptionTrainer(model, config)
+    before = trainer.evaluate_loss(dev, features)
+    result = fit(trainer, vocab, train, dev, features, dev_features, dev_refs, progress=False)
+    return model, vocab, before, result
+
+
+def test_bucketed_batches_cover_every_caption_once_with_little_padding(toy):
+    _, features, train, *_ = toy
+    seen = []
+    for batch in iterate_batches(train, features, 16, np.random.default_rng(0)):
+        assert batch.inputs.shape == batch.targets.shape and batch.features.shape[0] == batch.inputs.shape[0]
+        assert (batch.inputs[:, 0] == START_ID).all()
+        # Bucketing: the longest caption of the batch has no padding at all.
+        assert (batch.targets[:, -1] != PAD_ID).any()
+        seen.append(batch.inputs.shape[0])
+    assert sum(seen) == len(train)
+
+
+def test_training_lowers_dev_loss_and_beats_chance(trained, toy):
+    model, vocab, before, result = trained
+    _, _, _, _, dev_features, dev_refs = toy
+    losses = [h.dev_loss for h in result.history]
+    assert losses[-1] < 0.6 * before and min(losses) < losses[0]
+    captions = [vocab.decode(t) for t in GreedyDecoder(model, 20).decode(dev_features).tokens]
+    bleu = nltk_corpus_bleu(dev_refs, captions)[3]
+    shuffled = nltk_corpus_bleu(dev_refs[1:] + dev_refs[:1], captions)[3]  # captions of other images
+    assert bleu > 0.5 and bleu > shuffled + 0.1
+
+
+def test_beam_width_one_equals_greedy(trained, toy):
+    model = trained[0]
+    features = toy[4]
+    greedy = GreedyDecoder(model, 20).decode(features)
+    beam = BeamSearchDecoder(model, beam_width=1, max_length=20).decode(features)
+    assert beam.tokens == greedy.tokens
+    np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_beam_search_finds_captions_at_least_as_likely_as_greedy(trained, toy):
+    model = trained[0]
+    features = toy[4]
+    greedy = GreedyDecoder(model, 20).decode(features)
+    beam = BeamSearchDecoder(model, beam_width=4, max_length=20).decode(features)
+    # A wider beam keeps greedy's path among its candidates, so its best total log-probability is never lower.
+    assert (beam.scores >= greedy.scores - 1e-4).all()
+    assert all(t and UNK_ID not in t and PAD_ID not in t and START_ID not in t for t in beam.tokens)
+
+
+def test_decoding_matches_teacher_forced_log_probability(trained, toy):
+    model = trained[0]
+    features = toy[4][:8]
+    decoded = GreedyDecoder(model, 20).decode(features)
+    for k, ids in enumerate(decoded.tokens):
+        sequence = np.array([[START_ID] + ids + [3]], dtype=np.int32)  # ... <end>
+        logits = model((features[k : k + 1], sequence[:, :-1]))
+        logits = logits.numpy()[0]
+        logits[:, [PAD_ID, UNK_ID, START_ID]] = -1e9
+        log_probs = tf.nn.log_softmax(logits).numpy()
+        expected = sum(log_probs[t, sequence[0, t + 1]] for t in range(len(ids) + 1))
+        assert decoded.scores[k] == pytest.approx(expected, abs=1e-3)
+
+
+def test_length_penalty_prefers_longer_captions(trained, toy):
+    model = trained[0]
+    features = toy[4]
+    plain = BeamSearchDecoder(model, 5, 20, length_penalty=0.0).decode(features)
+    long = BeamSearchDecoder(model, 5, 20, length_penalty=2.0).decode(features)
+    assert np.mean([len(t) for t in long.tokens]) >= np.mean([len(t) for t in plain.tokens])
+
+
+def test_bundle_round_trip_captions_identically(trained, toy, tmp_path):
+    model, vocab = trained[0], trained[1]
+    features = toy[4]
+    decode = DecodeConfig(beam_width=3, max_length=20)
+    bundle = CaptionBundle(model, vocab, TextConfig(), decode, backbone="toy", provenance={"note": "test"})
+    bundle.save(tmp_path / "bundle")
+    loaded = load_bundle(tmp_path / "bundle")
+    assert loaded.vocab == vocab and loaded.backbone == "toy" and loaded.decode == decode
+    assert loaded.caption(features) == bundle.caption(features)
+    for a, b in zip(loaded.model.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_bundle_errors(tmp_path, trained):
+    with pytest.raises(FileNotFoundError, match="bundle.json is missing"):
+        load_bundle(tmp_path)
+    model, vocab = trained[0], trained[1]
+    CaptionBundle(model, vocab, TextConfig(), DecodeConfig()).save(tmp_path / "b")
+    Vocabulary.build([["just", "two"]], 1).save(tmp_path / "b" / "vocab.json")
+    with pytest.raises(ValueError, match="vocab.json has 6 words"):
+        load_bundle(tmp_path / "b")
+
+
+def test_decoder_rejects_wrong_feature_size(trained):
+    model = trained[0]
+    with pytest.raises(ValueError, match=r"expected features of shape \[N, 16\]"):
+        make_decoder(model, DecodeConfig(beam_width=1)).decode(np.zeros((2, 5), np.float32))
+
+
+def test_label_smoothing_loss_is_larger_for_confident_correct_predictions():
+    from imgcap.train import masked_token_loss
+
+    logits = tf.constant([[[10.0, 0.0, 0.0], [0.0, 10.0, 0.0]]])
+    targets = tf.constant([[1, 0]])  # second token is <pad>: ignored
+    plain_sum, count = masked_token_loss(logits, targets)
+    smooth_sum, _ = masked_token_loss(logits, targets, 0.1)
+    assert float(count) == 1.0
+    assert float(plain_sum) == pytest.approx(-float(tf.nn.log_softmax(logits)[0, 0, 1]), rel=1e-5)
+    assert float(smooth_sum) < float(plain_sum)  # target 1 is wrong here; smoothing spreads the blame
+
+
+def test_glove_initialises_known_words(tmp_path):
+    glove = tmp_path / "glove.txt"
+    glove.write_text("dog 1 2 3 4\ncat -1 -2 -3 -4\n", encoding="utf-8")
+    vocab = Vocabulary.build([["dog", "cat", "zebra"]], 1)
+    model = build_model(ModelConfig(embedding_dim=4, units=8, glove_path=str(glove), glove_trainable=False),
+                        vocab, feature_dim=3)
+    table = model.embedding.embeddings.numpy()
+    np.testing.assert_array_equal(table[vocab.id("dog")], [1, 2, 3, 4])
+    np.testing.assert_array_equal(table[PAD_ID], 0)
+    assert not model.embedding.trainable
+    with pytest.raises(ValueError, match="4-d vectors but model.embedding_dim is 8"):
+        build_model(ModelConfig(embedding_dim=8, units=8, glove_path=str(glove)), vocab, feature_dim=3)
+
+
+def test_merge_and_inject_have_the_documented_structure():
+    vocab_size, dim = 12, 7
+    merge = CaptionModel(ModelConfig(units=16, embedding_dim=8), vocab_size, dim)
+    inject = CaptionModel(ModelConfig(architecture="inject", units=16, embedding_dim=8), vocab_size, dim)
+    features = tf.random.normal((2, dim))
+    # merge: the image is not in the LSTM state; inject: it is the LSTM's initial state.
+    _, h, c = merge.initial_state(features)
+    assert float(tf.reduce_sum(tf.abs(h))) == 0.0 and float(tf.reduce_sum(tf.abs(c))) == 0.0
+    _, h, _ = inject.initial_state(features)
+    assert float(tf.reduce_sum(tf.abs(h))) > 0.0
+    assert merge((features, tf.ones((2, 5), tf.int32))).shape == (2, 5, vocab_size)
