@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from imgcap.beam import make_decoder
+from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, config_from_dict, config_to_dict
 from imgcap.model import CaptionModel
 from imgcap.text import Vocabulary
@@ -39,11 +39,18 @@ class CaptionBundle:
     decode: DecodeConfig
     backbone: str = ""  # the CNN that made the features this decoder was trained on
     provenance: dict[str, Any] = field(default_factory=dict)  # training config, metrics, data files
+    _decoders: dict[DecodeConfig, GreedyDecoder | BeamSearchDecoder] = field(default_factory=dict, repr=False)
+
+    def decoder(self, decode: DecodeConfig | None = None) -> GreedyDecoder | BeamSearchDecoder:
+        """The decoder for `decode` (default: the bundle's), built once so its graph is traced once."""
+        decode = decode or self.decode
+        if decode not in self._decoders:
+            self._decoders[decode] = make_decoder(self.model, decode)
+        return self._decoders[decode]
 
     def caption(self, features: np.ndarray, decode: DecodeConfig | None = None) -> list[list[str]]:
         """Captions (as words) for a [N, D] feature matrix, with the bundle's or the given decoding."""
-        decoded = make_decoder(self.model, decode or self.decode).decode(features)
-        return [self.vocab.decode(ids) for ids in decoded.tokens]
+        return [self.vocab.decode(ids) for ids in self.decoder(decode).decode(features).tokens]
 
     def save(self, directory: str | Path) -> Path:
         """Write the bundle into `directory` (created if needed) and return it."""

@@ -101,6 +101,14 @@ class DecodeConfig:
         _check(self.max_length >= 1, "decode.max_length must be >= 1")
         _check(self.batch_size >= 1, "decode.batch_size must be >= 1")
 
+    @property
+    def label(self) -> str:
+        """How captions were decoded, for reports: "greedy", "beam-3", "beam-5 (length penalty 0.7)"."""
+        if self.beam_width == 1:
+            return "greedy"
+        penalty = f" (length penalty {self.length_penalty:g})" if self.length_penalty else ""
+        return f"beam-{self.beam_width}{penalty}"
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -137,8 +145,30 @@ class TrainJobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+@dataclass(frozen=True)
+class CaptionJobConfig:
+    """Config of jobs/caption.py: features -> captions (Parquet), and BLEU where references exist."""
+
+    bundle: str  # a model bundle directory (see imgcap.bundle)
+    features: str  # Parquet file/directory written by extraction, or a .npz with ids and features
+    output_dir: str = "runs/captions"
+    references: str | None = None  # a caption file; when set, captions are scored against it
+    references_format: Literal["auto", "flickr8k", "csv", "coco", "karpathy"] = "auto"
+    split: str | None = None  # a split file: caption only the images it lists
+    decode: DecodeConfig | None = None  # default: the decoding recorded in the bundle
+    actors: int = 1  # caption actors (one bundle load each)
+    batch_size: int = 256  # images per decoding batch
+    coco: bool = True  # also score with the coco-caption scorers when pycocoevalcap is installed
+
+    def __post_init__(self) -> None:
+        _check(bool(self.bundle), "bundle is required: the model bundle directory to caption with")
+        _check(bool(self.features), "features is required: the features to caption")
+        _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
 _PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
-              "path", "weights_file"}
+              "path", "weights_file", "bundle", "references", "split"}
 
 
 def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:

@@ -220,17 +220,20 @@ class TrainResult:
     best_epoch: int
     report: EvaluationReport
 
+    def format(self) -> str:
+        best = self.history[self.best_epoch - 1] if self.history else None
+        lines = [f"bundle -> {self.bundle_dir}", f"  {len(self.history)} epoch(s), best epoch {self.best_epoch}"]
+        if best is not None:
+            lines.append(f"  best epoch: dev loss {best.dev_loss:.4f}, {best.images_per_second:.0f} images/s")
+        return "\n".join(lines + ["  " + self.report.summary()])
+
 
 def evaluate_bundle_on_dev(bundle: CaptionBundle, data: TrainingData, coco: bool) -> EvaluationReport:
     """Caption the dev images with the bundle's decoding and score them against their references."""
     dev_features = data.features.select(data.dev_ids).features
     captions = bundle.caption(dev_features)
-    decode = bundle.decode
-    decoding = "greedy" if decode.beam_width == 1 else f"beam-{decode.beam_width}"
-    if decode.beam_width > 1 and decode.length_penalty:
-        decoding += f" (length penalty {decode.length_penalty})"
     return evaluate_captions(data.dev_references, dict(zip(data.dev_ids, captions)), split="dev",
-                             text_mode=bundle.text.mode, decoding=decoding, coco=coco)
+                             text_mode=bundle.text.mode, decoding=bundle.decode.label, coco=coco)
 
 
 def write_history(history: list[EpochMetrics], path: Path) -> None:
