@@ -54,21 +54,28 @@ def init_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def run_config_job(config_cls: type[T], run: Callable[[T], Any], argv: Sequence[str] | None = None,
-                   description: str = "", uses_ray: bool = True) -> int:
-    """Parse ``--config`` and ``--set``, load and validate the config, then `run` it and print its summary."""
+def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Callable[[T], Any],
+                   argv: Sequence[str] | None = None, description: str = "", uses_ray: bool = True) -> int:
+    """Parse ``--config`` and ``--set``, load and validate the config, then `run` it and print its summary.
+
+    `config` is a config dataclass (loaded with `load_config`) or a loader ``(path, overrides) -> config``.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="TOML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted for tables); repeatable")
     args = parser.parse_args(argv)
     try:
-        config = load_config(config_cls, args.config, parse_overrides(args.overrides))
+        overrides = parse_overrides(args.overrides)
+        if isinstance(config, type):
+            loaded = load_config(config, args.config, overrides)
+        else:
+            loaded = config(args.config, overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     _setup_logging()
     if uses_ray:
         init_ray()
-    print(run(config).format())  # every job returns a result with a human-readable format()
+    print(run(loaded).format())  # every job returns a result with a human-readable format()
     return 0

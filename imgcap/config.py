@@ -134,6 +134,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RayTrainConfig:
+    """How jobs/train.py runs on Ray Train (see imgcap.distributed); unused by single-process training."""
+
+    num_workers: int = 2  # data-parallel workers; train.batch_size is the global batch, split over them
+    use_gpu: bool = False  # one GPU per worker; the cluster must have num_workers GPUs
+    cpus_per_worker: int = 1  # Ray CPUs reserved per worker (also TensorFlow's intra-op threads)
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    storage_path: str = ""  # where Ray Train keeps runs and checkpoints ("": <output_dir>/ray_results)
+    run_name: str = ""  # "": train-<timestamp>; an existing run name needs resume_from
+    checkpoints_to_keep: int = 2  # best checkpoints kept by train.select_by (the latest is always kept too)
+    resume_from: str | None = None  # a checkpoint, run or output directory: continue from its latest epoch
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"ray.num_workers must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 1, f"ray.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        _check(self.max_failures >= 0, f"ray.max_failures must be >= 0 (-1 is not allowed), got {self.max_failures}")
+        _check(self.checkpoints_to_keep >= 1, f"ray.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+
+
+@dataclass(frozen=True)
 class TrainJobConfig:
     """Config of jobs/train.py: data + text + model + optimisation, and where the bundle goes."""
 
@@ -143,6 +163,7 @@ class TrainJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
 
 
 @dataclass(frozen=True)
@@ -168,7 +189,7 @@ class CaptionJobConfig:
 
 
 _PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
-              "path", "weights_file", "bundle", "references", "split"}
+              "path", "weights_file", "bundle", "references", "split", "storage_path", "resume_from"}
 
 
 def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:
@@ -229,8 +250,8 @@ def config_from_dict(cls: type[T], table: dict[str, Any], base_dir: str | Path =
     return _build(cls, table, "", Path(base_dir).resolve())
 
 
-def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
-    """Load `path` (TOML) into `cls`, applying dotted-key `overrides` (e.g. {"train.epochs": 2}) first."""
+def read_config_table(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TOML table of `path` with dotted-key `overrides` (e.g. {"train.epochs": 2}) applied."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -243,9 +264,16 @@ def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            _check(isinstance(node, dict), f"override {dotted!r}: {part!r} is a value, not a table")
         node[leaf] = value
+    return table
+
+
+def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
+    """Load `path` (TOML) into `cls`, applying dotted-key `overrides` (e.g. {"train.epochs": 2}) first."""
+    table = read_config_table(path, overrides)
     try:
-        return config_from_dict(cls, table, path.parent)
+        return config_from_dict(cls, table, Path(path).parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -3,7 +3,8 @@
 Needs no download: `make_shapes_dataset` draws each scene with Pillow (one or two shapes of a colour, kind
 and size at a position, on a plain background), saves it as a real JPEG file and writes five differently
 phrased captions per image to a Kaggle-style ``captions.txt`` (``image,caption``; captions with commas are
-quoted). The same seed always gives the same files, so the demo and the tests are reproducible.
+quoted), and a train/dev split by `imgcap.captions.deterministic_split` to split files. The same seed always
+gives the same files, so the demo and the tests are reproducible.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from imgcap.captions import deterministic_split, image_id
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30),
            "white": (245, 245, 245)}
@@ -73,15 +76,33 @@ def _captions(shapes: list[Shape], background: str) -> list[str]:
     ]
 
 
-def make_shapes_dataset(out_dir: str | Path, num_images: int = 600, image_size: int = 224, seed: int = 0) -> Path:
-    """Write `num_images` JPEG scenes to ``out_dir/images`` and their captions to ``out_dir/captions.txt``.
+@dataclass(frozen=True)
+class DemoDataset:
+    """Where `make_shapes_dataset` put the images, the captions and the train/dev split files."""
 
-    Returns the caption file's path. Existing files of the same names are overwritten.
+    images: Path
+    captions: Path
+    train_split: Path
+    dev_split: Path
+
+
+def demo_dataset_paths(out_dir: str | Path) -> DemoDataset:
+    """The paths `make_shapes_dataset(out_dir)` writes (known before anything is generated)."""
+    out_dir = Path(out_dir)
+    return DemoDataset(out_dir / "images", out_dir / "captions.txt", out_dir / "train_images.txt",
+                       out_dir / "dev_images.txt")
+
+
+def make_shapes_dataset(out_dir: str | Path, num_images: int = 600, image_size: int = 224, seed: int = 0,
+                        dev_fraction: float = 0.2) -> DemoDataset:
+    """Write `num_images` JPEG scenes, their captions and a deterministic train/dev split into `out_dir`.
+
+    Existing files of the same names are overwritten.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    out_dir = Path(out_dir)
-    images = out_dir / "images"
+    paths = demo_dataset_paths(out_dir)
+    images = paths.images
     images.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
@@ -97,9 +118,11 @@ def make_shapes_dataset(out_dir: str | Path, num_images: int = 600, image_size: 
         name = f"shapes_{n:05d}.jpg"
         image.save(images / name, quality=90)
         rows.extend((name, caption) for caption in _captions(shapes, background))
-    captions = out_dir / "captions.txt"
-    with captions.open("w", newline="", encoding="utf-8") as f:
+    with paths.captions.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "caption"])
         writer.writerows(rows)
-    return captions
+    train, dev = deterministic_split((image_id(name) for name, _ in rows), dev_fraction)
+    paths.train_split.write_text("".join(f"{i}.jpg\n" for i in train), encoding="utf-8")
+    paths.dev_split.write_text("".join(f"{i}.jpg\n" for i in dev), encoding="utf-8")
+    return paths
