@@ -79,3 +79,65 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
         init_ray()
     print(run(loaded).format())  # every job returns a result with a human-readable format()
     return 0
+
+
+def _caption_command(args: argparse.Namespace) -> int:
+    from imgcap.config import DecodeConfig
+    from imgcap.inference import caption_photos
+
+    weights = None if args.weights == "none" else args.weights
+    decode = DecodeConfig(beam_width=args.beam_width) if args.beam_width else None
+    failed = 0
+    for result in caption_photos(args.bundle, args.photos, weights, decode, args.resize, args.resample):
+        if result.caption is None:
+            failed += 1
+            print(f"{result.path}\terror: {result.error}")
+        else:
+            print(f"{result.path}\t{result.caption}")
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `imgcap` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "pipeline": "the main job: data -> features -> train -> captions (Ray)",
+        "extract": "image features into Parquet (Ray Data)",
+        "train": "train a caption decoder in this process (jobs/train.py trains on Ray Train)",
+        "caption-job": "caption a features table into Parquet, with BLEU where references exist (Ray Data)",
+        "caption": "caption photo files with a model bundle",
+    }
+    if not argv or argv[0] not in commands:
+        print(__doc__.strip() + "\n\ncommands:\n" + "\n".join(f"  {k:12} {v}" for k, v in commands.items()),
+              file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, rest = argv[0], argv[1:]
+    if command == "caption":
+        parser = argparse.ArgumentParser(prog="imgcap caption", description=commands["caption"])
+        parser.add_argument("photos", nargs="+", help="image files")
+        parser.add_argument("--bundle", required=True, help="model bundle directory")
+        parser.add_argument("--weights", default="imagenet",
+                            help="backbone weights: imagenet (Keras download or $KERAS_HOME cache), a file, or none")
+        parser.add_argument("--beam-width", type=int, default=0, help="override the bundle's beam width")
+        parser.add_argument("--resize", default="stretch", choices=["stretch", "center_crop"])
+        parser.add_argument("--resample", default="nearest")
+        _setup_logging()
+        return _caption_command(parser.parse_args(rest))
+    if command == "pipeline":
+        from imgcap.pipeline import load_pipeline_config, run_pipeline
+
+        return run_config_job(load_pipeline_config, run_pipeline, rest, commands[command])
+    if command == "extract":
+        from imgcap.config import ExtractConfig
+        from imgcap.features import extract_features
+
+        return run_config_job(ExtractConfig, extract_features, rest, commands[command])
+    if command == "train":
+        from imgcap.config import TrainJobConfig
+        from imgcap.train import train_captioner
+
+        return run_config_job(TrainJobConfig, train_captioner, rest, commands[command], uses_ray=False)
+    from imgcap.config import CaptionJobConfig
+    from imgcap.inference import run_caption_job
+
+    return run_config_job(CaptionJobConfig, run_caption_job, rest, commands[command])

@@ -40,8 +40,8 @@ class TextConfig:
     max_length: int = 40  # tokens, including <start>/<end>; longer captions are truncated
 
     def __post_init__(self) -> None:
-        _check(self.min_count >= 1, f"text.min_count must be >= 1, got {self.min_count}")
-        _check(self.max_length >= 3, f"text.max_length must be >= 3, got {self.max_length}")
+        _check(self.min_count >= 1, f"min_count must be >= 1, got {self.min_count}")
+        _check(self.max_length >= 3, f"max_length must be >= 3, got {self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ class ModelConfig:
     glove_trainable: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.embedding_dim > 0 and self.units > 0, "model.embedding_dim and model.units must be > 0")
-        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        _check(0.0 <= self.embedding_dropout < 1.0, "model.embedding_dropout must be in [0, 1)")
+        _check(self.embedding_dim > 0 and self.units > 0, "embedding_dim and units must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _check(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
-        _check(0 < self.lr_decay <= 1, f"train.lr_decay must be in (0, 1], got {self.lr_decay}")
-        _check(0 <= self.label_smoothing < 1, "train.label_smoothing must be in [0, 1)")
-        _check(self.clip_norm > 0, "train.clip_norm must be > 0")
-        _check(self.patience >= 0, "train.patience must be >= 0")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _check(self.clip_norm > 0, "clip_norm must be > 0")
+        _check(self.patience >= 0, "patience must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,10 @@ class DecodeConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        _check(self.beam_width >= 1, f"decode.beam_width must be >= 1, got {self.beam_width}")
-        _check(self.length_penalty >= 0, "decode.length_penalty must be >= 0")
-        _check(self.max_length >= 1, "decode.max_length must be >= 1")
-        _check(self.batch_size >= 1, "decode.batch_size must be >= 1")
+        _check(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
+        _check(self.length_penalty >= 0, "length_penalty must be >= 0")
+        _check(self.max_length >= 1, "max_length must be >= 1")
+        _check(self.batch_size >= 1, "batch_size must be >= 1")
 
     @property
     def label(self) -> str:
@@ -126,11 +126,11 @@ class DataConfig:
     skip_malformed: bool = False  # count and skip malformed caption lines instead of failing
 
     def __post_init__(self) -> None:
-        _check(bool(self.captions), "data.captions is required: the caption file to train on")
-        _check(bool(self.features), "data.features is required: the .npz or Parquet features")
-        _check(0.0 < self.dev_fraction < 1.0, "data.dev_fraction must be in (0, 1)")
+        _check(bool(self.captions), "captions is required: the caption file to train on")
+        _check(bool(self.features), "features is required: the .npz or Parquet features")
+        _check(0.0 < self.dev_fraction < 1.0, "dev_fraction must be in (0, 1)")
         _check((self.train_split is None) == (self.dev_split is None),
-               "data.train_split and data.dev_split go together: give both or neither")
+               "train_split and dev_split go together: give both or neither")
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ class RayTrainConfig:
     resume_from: str | None = None  # a checkpoint, run or output directory: continue from its latest epoch
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, f"ray.num_workers must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker >= 1, f"ray.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
-        _check(self.max_failures >= 0, f"ray.max_failures must be >= 0 (-1 is not allowed), got {self.max_failures}")
-        _check(self.checkpoints_to_keep >= 1, f"ray.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0 (-1 is not allowed), got {self.max_failures}")
+        _check(self.checkpoints_to_keep >= 1, f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
 
 
 @dataclass(frozen=True)
@@ -241,8 +241,8 @@ def _build(cls: type[T], table: dict[str, Any], where: str, base: Path) -> T:
         return cls(**kwargs)
     except TypeError as exc:  # a required table or key is missing
         raise ConfigError(f"{where or 'config'}: {exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+    except ConfigError as exc:  # messages of __post_init__ name keys relative to their own table
+        raise ConfigError(f"{where}.{exc}" if where else str(exc)) from None
 
 
 def config_from_dict(cls: type[T], table: dict[str, Any], base_dir: str | Path = ".") -> T:
@@ -295,7 +295,7 @@ class SourceConfig:
     include_archives: bool = False  # directories and S3 prefixes: also read the archives found in them
 
     def __post_init__(self) -> None:
-        _check(bool(self.path), "sources[].path is required: a directory, list file, archive or s3:// URI")
+        _check(bool(self.path), "path is required: a directory, list file, archive or s3:// URI")
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,48 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
         else:
             log.warning("no captioned image has references in %s: no scores written", config.references)
     return CaptionJobResult(output, table.num_rows, table.num_rows - failed, failed, seconds, report)
+
+
+@dataclass(frozen=True)
+class PhotoCaption:
+    """The caption of one photo file, or why it has none."""
+
+    path: str
+    caption: str | None
+    error: str | None = None
+
+
+def caption_photos(bundle_dir: str | Path, photos: list[str], weights: str | None = "imagenet",
+                   decode: DecodeConfig | None = None, resize: str = "stretch",
+                   resample: str = "nearest") -> list[PhotoCaption]:
+    """Caption a few photo files directly: decode, embed with the bundle's backbone, decode captions.
+
+    For bulk work use the Ray jobs; this is for trying a bundle on single images. `weights` are the
+    backbone's ("imagenet", a weights file, or None); `resize`/`resample` must match how the training
+    features were extracted (the extraction defaults are the seeds' stretch + nearest).
+    """
+    from imgcap.backbones import build_backbone, get_backbone
+    from imgcap.decode import DecodeError, DecodeOptions, decode_image
+
+    bundle = load_bundle(bundle_dir)
+    if not bundle.backbone:
+        raise ValueError(f"{bundle_dir} does not record the backbone its features came from "
+                         "(data.backbone was not set when it was trained)")
+    name, _, pooling = bundle.backbone.partition("/")
+    spec = get_backbone(name)
+    options = DecodeOptions(spec.input_size, resize, resample)  # type: ignore[arg-type]
+    results: list[PhotoCaption | None] = []
+    pixels = []
+    for photo in photos:
+        try:
+            pixels.append(decode_image(Path(photo).read_bytes(), options))
+            results.append(None)
+        except (OSError, DecodeError) as exc:
+            results.append(PhotoCaption(photo, None, str(exc)))
+    if pixels:
+        cnn = build_backbone(name, weights, pooling or "default")  # type: ignore[arg-type]
+        features = np.asarray(cnn.predict_on_batch(spec.preprocess(np.stack(pixels))), np.float32)
+        captions = iter(bundle.caption(features.reshape(len(pixels), -1), decode))
+        results = [r if r is not None else PhotoCaption(photo, " ".join(next(captions)))
+                   for r, photo in zip(results, photos)]
+    return results  # type: ignore[return-value]

@@ -1,0 +1,64 @@
+import pytest
+
+from imgcap.cli import parse_overrides
+from imgcap.config import ConfigError, DecodeConfig, TrainJobConfig, load_config
+
+MINIMAL = 'output_dir = "out"\n[data]\ncaptions = "caps.txt"\nfeatures = "f.npz"\n'
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_and_relative_paths_resolve_against_the_config_file(tmp_path):
+    config = load_config(TrainJobConfig, write(tmp_path, MINIMAL))
+    assert config.data.captions == str(tmp_path / "caps.txt")
+    assert config.output_dir == str(tmp_path / "out")
+    assert config.model.architecture == "merge" and config.train.epochs == 10 and config.text.mode == "standard"
+
+
+def test_overrides_are_applied_before_validation(tmp_path):
+    config = load_config(TrainJobConfig, write(tmp_path, MINIMAL),
+                         parse_overrides(["train.epochs=2", "model.architecture=inject", "train.learning_rate=5e-4"]))
+    assert (config.train.epochs, config.model.architecture, config.train.learning_rate) == (2, "inject", 5e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[train]\nepochz = 3\n", "train: unknown key(s) epochz"),
+    ("[train]\nepochs = \"ten\"\n", "train.epochs must be an integer, got 'ten'"),
+    ("[train]\nepochs = 0\n", "train.epochs must be >= 1"),
+    ("[model]\narchitecture = \"attention\"\n", "model.architecture must be one of 'merge', 'inject'"),
+    ("[text]\nmode = \"fancy\"\n", "text.mode must be one of 'standard', 'seed'"),
+    ("[model]\ndropout = 1.5\n", "model.dropout must be in [0, 1)"),
+])
+def test_bad_values_name_the_key(tmp_path, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainJobConfig, write(tmp_path, MINIMAL + extra))
+    assert message in str(err.value) and str(tmp_path / "job.toml") in str(err.value)
+
+
+def test_missing_required_values_and_files(tmp_path):
+    with pytest.raises(ConfigError, match="data.captions is required"):
+        load_config(TrainJobConfig, write(tmp_path, '[data]\nfeatures = "f.npz"\n'))
+    with pytest.raises(ConfigError, match="missing 1 required positional argument: 'data'"):
+        load_config(TrainJobConfig, write(tmp_path, 'output_dir = "x"\n'))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(TrainJobConfig, tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(TrainJobConfig, write(tmp_path, "[data\n"))
+    with pytest.raises(ConfigError, match="data.train_split and dev_split go together"):
+        load_config(TrainJobConfig, write(tmp_path, MINIMAL + 'train_split = "t.txt"\n'))
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        parse_overrides(["epochs"])
+    assert parse_overrides(["a.b=resnet50", "c=[1, 2]", "d=true"]) == {"a.b": "resnet50", "c": [1, 2], "d": True}
+
+
+def test_decode_label_says_how_captions_were_made():
+    assert DecodeConfig(beam_width=1).label == "greedy"
+    assert DecodeConfig(beam_width=3).label == "beam-3"
+    assert DecodeConfig(beam_width=5, length_penalty=0.7).label == "beam-5 (length penalty 0.7)"
