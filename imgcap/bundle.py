@@ -2,13 +2,15 @@
 
 A bundle is a directory with
 
-- ``bundle.json``: format version, model / text / decoding config, feature dimension, the backbone that made
-  the training features, and the training config and metrics that produced it;
+- ``bundle.json``: format version, text / decoding config, feature dimension, the backbone that made the
+  training features, one entry per model (its `ModelConfig` and weights file) and the provenance: the
+  training config and metrics that produced each model;
 - ``vocab.json``: the vocabulary (words in id order and the text mode);
-- ``model.weights.h5``: the decoder weights.
+- ``model-<k>.weights.h5``: the weights of model k.
 
-Loading rebuilds the same `CaptionModel` from the recorded config and loads the weights, so captions from a
-loaded bundle are identical to those of the model that was saved.
+A bundle of one model captions with that model; a bundle of several (made by `combine_bundles` from
+bundles trained on the same vocabulary) captions with their `CaptionEnsemble`. Loading rebuilds every model
+from its recorded config and loads its weights, so a loaded bundle captions exactly as the saved one did.
 """
 
 from __future__ import annotations
@@ -22,23 +24,23 @@ import numpy as np
 
 from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, config_from_dict, config_to_dict
-from imgcap.model import CaptionModel
+from imgcap.model import CaptionEnsemble, CaptionModel
 from imgcap.text import Vocabulary
 
 BUNDLE_FORMAT = "imgcap-bundle/1"
-_META, _VOCAB, _WEIGHTS = "bundle.json", "vocab.json", "model.weights.h5"
+_META, _VOCAB = "bundle.json", "vocab.json"
 
 
 @dataclass
 class CaptionBundle:
     """A trained caption decoder with its vocabulary and the configs that made it."""
 
-    model: CaptionModel
+    model: CaptionModel | CaptionEnsemble
     vocab: Vocabulary
     text: TextConfig
     decode: DecodeConfig
     backbone: str = ""  # the CNN that made the features this decoder was trained on
-    provenance: dict[str, Any] = field(default_factory=dict)  # training config, metrics, data files
+    provenance: dict[str, Any] = field(default_factory=dict)  # training config and metrics (per member)
     _decoders: dict[DecodeConfig, GreedyDecoder | BeamSearchDecoder] = field(default_factory=dict, repr=False)
 
     def decoder(self, decode: DecodeConfig | None = None) -> GreedyDecoder | BeamSearchDecoder:
@@ -56,9 +58,11 @@ class CaptionBundle:
         """Write the bundle into `directory` (created if needed) and return it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        models = [{"config": config_to_dict(m.config), "weights": f"model-{k}.weights.h5"}
+                  for k, m in enumerate(self.members)]
         meta = {
             "format": BUNDLE_FORMAT,
-            "model": config_to_dict(self.model.config),
+            "models": models,
             "text": config_to_dict(self.text),
             "decode": config_to_dict(self.decode),
             "vocab_size": len(self.vocab),
@@ -66,16 +70,22 @@ class CaptionBundle:
             "backbone": self.backbone,
             "provenance": self.provenance,
         }
-        (directory / _META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        for model, entry in zip(self.members, models):
+            model.save_weights(directory / entry["weights"])
         self.vocab.save(directory / _VOCAB)
-        self.model.save_weights(directory / _WEIGHTS)
+        (directory / _META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         return directory
+
+    @property
+    def members(self) -> list[CaptionModel]:
+        """The models of the bundle (one, or the members of its ensemble)."""
+        return self.model.members if isinstance(self.model, CaptionEnsemble) else [self.model]
 
 
 def load_bundle(directory: str | Path) -> CaptionBundle:
     """Load a bundle written by `CaptionBundle.save`; errors name the missing or mismatching part."""
     directory = Path(directory)
-    for name in (_META, _VOCAB, _WEIGHTS):
+    for name in (_META, _VOCAB):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
     meta = json.loads((directory / _META).read_text(encoding="utf-8"))
@@ -85,8 +95,36 @@ def load_bundle(directory: str | Path) -> CaptionBundle:
     if len(vocab) != meta["vocab_size"]:
         raise ValueError(f"{directory}: vocab.json has {len(vocab)} words but the model was built for "
                          f"{meta['vocab_size']}")
-    model = CaptionModel(config_from_dict(ModelConfig, meta["model"]), len(vocab), meta["feature_dim"])
-    model.load_weights(directory / _WEIGHTS)
+    members = []
+    for entry in meta["models"]:
+        if not (directory / entry["weights"]).is_file():
+            raise FileNotFoundError(f"{directory} is not a complete bundle: {entry['weights']} is missing")
+        model = CaptionModel(config_from_dict(ModelConfig, entry["config"]), len(vocab), meta["feature_dim"])
+        model.load_weights(directory / entry["weights"])
+        members.append(model)
+    model = members[0] if len(members) == 1 else CaptionEnsemble(members)
     return CaptionBundle(model, vocab, config_from_dict(TextConfig, meta["text"]),
                          config_from_dict(DecodeConfig, meta["decode"]), meta.get("backbone", ""),
                          meta.get("provenance", {}))
+
+
+def combine_bundles(bundles: list[CaptionBundle], decode: DecodeConfig | None = None) -> CaptionBundle:
+    """One bundle that captions with the ensemble of `bundles`' models.
+
+    The bundles must share the vocabulary, text normalisation and backbone (bundles trained on the same
+    data and text config do); their models may differ (e.g. merge and inject). Decoding defaults to the
+    first bundle's. The provenance keeps each member's.
+    """
+    if not bundles:
+        raise ValueError("nothing to combine: no bundles given")
+    first = bundles[0]
+    for k, other in enumerate(bundles[1:], 1):
+        if other.vocab != first.vocab:
+            raise ValueError(f"bundle {k} has another vocabulary than bundle 0: train both on the same data "
+                             "and text config")
+        if (other.text, other.backbone) != (first.text, first.backbone):
+            raise ValueError(f"bundle {k} differs from bundle 0 in text config or backbone")
+    members = [m for b in bundles for m in b.members]
+    provenance = {"members": [b.provenance for b in bundles]}
+    return CaptionBundle(CaptionEnsemble(members), first.vocab, first.text, decode or first.decode, first.backbone,
+                         provenance)

@@ -5,6 +5,7 @@
     imgcap train    --config configs/train_flickr8k.toml [--local]
     imgcap caption-job --config configs/caption_flickr8k.toml
     imgcap caption  --bundle runs/demo/train/bundle photo1.jpg photo2.jpg
+    imgcap ensemble --out runs/ensemble runs/a/bundle runs/b/bundle
 
 Every config-driven command takes ``--set key=value`` overrides (dotted keys for tables, values as TOML
 literals: ``--set train.epochs=2 --set model.architecture=inject``). A config error exits with status 2 and a
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": "train a caption decoder in this process (jobs/train.py trains on Ray Train)",
         "caption-job": "caption a features table into Parquet, with BLEU where references exist (Ray Data)",
         "caption": "caption photo files with a model bundle",
+        "ensemble": "combine bundles trained on the same vocabulary into one ensemble bundle",
     }
     if not argv or argv[0] not in commands:
         print(__doc__.strip() + "\n\ncommands:\n" + "\n".join(f"  {k:12} {v}" for k, v in commands.items()),
@@ -123,6 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--resample", default="nearest")
         _setup_logging()
         return _caption_command(parser.parse_args(rest))
+    if command == "ensemble":
+        parser = argparse.ArgumentParser(prog="imgcap ensemble", description=commands["ensemble"])
+        parser.add_argument("bundles", nargs="+", help="bundle directories")
+        parser.add_argument("--out", required=True, help="directory of the ensemble bundle")
+        args = parser.parse_args(rest)
+        from imgcap.bundle import combine_bundles, load_bundle
+
+        combined = combine_bundles([load_bundle(b) for b in args.bundles]).save(args.out)
+        print(f"ensemble of {len(args.bundles)} bundles -> {combined}")
+        return 0
     if command == "pipeline":
         from imgcap.pipeline import load_pipeline_config, run_pipeline
 

@@ -84,3 +84,29 @@ class CaptionModel(keras.Model):
         context, h, c = state
         out, (h, c) = self.lstm.cell(self.embedding(tokens), [h, c], training=False)
         return self._predict(context, out, training=False), (context, h, c)
+
+
+class CaptionEnsemble:
+    """Several caption decoders over the same vocabulary and features, decoded as one.
+
+    Each step averages the members' next-word log-probabilities (a product of experts: the ensemble likes a
+    word only if every member does); the state is the tuple of the members' states. It has the decoding
+    interface of `CaptionModel`, so the greedy and beam decoders take it as they are.
+    """
+
+    def __init__(self, members: list[CaptionModel]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        shapes = {(m.vocab_size, m.feature_dim) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble members disagree on (vocabulary size, feature dim): {sorted(shapes)}")
+        self.members = list(members)
+        self.vocab_size, self.feature_dim = members[0].vocab_size, members[0].feature_dim
+
+    def initial_state(self, features: tf.Tensor) -> tuple[DecoderState, ...]:
+        return tuple(m.initial_state(features) for m in self.members)
+
+    def step(self, tokens: tf.Tensor, state: tuple[DecoderState, ...]) -> tuple[tf.Tensor, tuple[DecoderState, ...]]:
+        outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
+        log_probs = tf.add_n([tf.nn.log_softmax(logits) for logits, _ in outputs]) / len(outputs)
+        return log_probs, tuple(s for _, s in outputs)

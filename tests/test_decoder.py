@@ -5,11 +5,11 @@ import pytest
 import tensorflow as tf
 
 from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
-from imgcap.bundle import CaptionBundle, load_bundle
+from imgcap.bundle import CaptionBundle, combine_bundles, load_bundle
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, TrainConfig
 from imgcap.dataset import build_examples, iterate_batches, tokenize_corpus
 from imgcap.evaluate import nltk_corpus_bleu
-from imgcap.model import CaptionModel
+from imgcap.model import CaptionEnsemble, CaptionModel
 from imgcap.text import PAD_ID, START_ID, UNK_ID, Vocabulary
 from imgcap.train import CaptionTrainer, build_model, fit
 from toy import make_toy_corpus
@@ -116,6 +116,34 @@ def test_bundle_round_trip_captions_identically(trained, toy, tmp_path):
     assert loaded.caption(features) == bundle.caption(features)
     for a, b in zip(loaded.model.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ensemble_bundle_of_one_model_twice_captions_like_the_model(trained, toy, tmp_path):
+    model, vocab = trained[0], trained[1]
+    features = toy[4]
+    single = CaptionBundle(model, vocab, TextConfig(), DecodeConfig(beam_width=3, max_length=20))
+    twice = combine_bundles([single, single])
+    assert isinstance(twice.model, CaptionEnsemble) and len(twice.members) == 2
+    # Averaging identical log-probabilities changes nothing: same captions, saved and loaded as an ensemble.
+    assert twice.caption(features) == single.caption(features)
+    loaded = load_bundle(twice.save(tmp_path / "ens"))
+    assert len(loaded.members) == 2 and loaded.caption(features) == single.caption(features)
+
+
+def test_ensemble_of_different_models_and_vocabulary_check(trained, toy):
+    model, vocab = trained[0], trained[1]
+    other = build_model(ModelConfig(embedding_dim=8, units=16), vocab, model.feature_dim, seed=3)
+    ensemble = CaptionEnsemble([model, other])
+    state = ensemble.initial_state(tf.constant(toy[4][:2]))
+    log_probs, _ = ensemble.step(tf.constant([START_ID, START_ID]), state)
+    expected = (tf.nn.log_softmax(model.step(tf.constant([START_ID] * 2), model.initial_state(toy[4][:2]))[0])
+                + tf.nn.log_softmax(other.step(tf.constant([START_ID] * 2), other.initial_state(toy[4][:2]))[0])) / 2
+    np.testing.assert_allclose(log_probs.numpy(), expected.numpy(), atol=1e-5)
+    a = CaptionBundle(model, vocab, TextConfig(), DecodeConfig())
+    b = CaptionBundle(other, Vocabulary.build([["x"] * 12 + [f"w{i}" for i in range(12)]], 1), TextConfig(),
+                      DecodeConfig())
+    with pytest.raises(ValueError, match="another vocabulary"):
+        combine_bundles([a, b])
 
 
 def test_load_bundle_errors(tmp_path, trained):
