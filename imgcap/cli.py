@@ -22,9 +22,16 @@ import tomllib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from imgcap.backbones import BackboneError
+from imgcap.captions import CaptionFormatError
 from imgcap.config import ConfigError, load_config
+from imgcap.sources import SourceError
 
 T = TypeVar("T")
+
+# Errors that mean "the input or the config is wrong" (what to change is in the message); anything else is a
+# bug and keeps its traceback.
+_USER_ERRORS = (ConfigError, CaptionFormatError, SourceError, BackboneError, FileNotFoundError, FileExistsError)
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -78,7 +85,12 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
     _setup_logging()
     if uses_ray:
         init_ray()
-    print(run(loaded).format())  # every job returns a result with a human-readable format()
+    try:
+        result = run(loaded)
+    except _USER_ERRORS as exc:  # bad input or a check against the data/cluster: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.format())  # every job returns a result with a human-readable format()
     return 0
 
 

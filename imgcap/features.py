@@ -240,7 +240,7 @@ def _decode_task_memory(options: "DecodeOptions", images: int) -> int:
     Data only fuses a task map into the following actor map when their remote args are equal: so Pillow
     decoding stays on CPU tasks that scale apart from the actor pool instead of running inside the actors.
     """
-    return 4 * images * options.size[0] * options.size[1] * 3 + (64 << 20)
+    return 4 * images * options.size[0] * options.size[1] * 3 + (128 << 20)
 
 
 def extract_features(config: "ExtractConfig") -> ExtractionSummary:
