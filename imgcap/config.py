@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 T = TypeVar("T")
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless `condition` holds."""
     if not condition:
         raise ConfigError(message)
 
@@ -40,8 +41,8 @@ class TextConfig:
     max_length: int = 40  # tokens, including <start>/<end>; longer captions are truncated
 
     def __post_init__(self) -> None:
-        _check(self.min_count >= 1, f"min_count must be >= 1, got {self.min_count}")
-        _check(self.max_length >= 3, f"max_length must be >= 3, got {self.max_length}")
+        require(self.min_count >= 1, f"min_count must be >= 1, got {self.min_count}")
+        require(self.max_length >= 3, f"max_length must be >= 3, got {self.max_length}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ class ModelConfig:
     glove_trainable: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.embedding_dim > 0 and self.units > 0, "embedding_dim and units must be > 0")
-        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _check(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout must be in [0, 1)")
+        require(self.embedding_dim > 0 and self.units > 0, "embedding_dim and units must be > 0")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        require(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        _check(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
-        _check(self.clip_norm > 0, "clip_norm must be > 0")
-        _check(self.patience >= 0, "patience must be >= 0")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        require(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        require(self.clip_norm > 0, "clip_norm must be > 0")
+        require(self.patience >= 0, "patience must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,10 @@ class DecodeConfig:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        _check(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
-        _check(self.length_penalty >= 0, "length_penalty must be >= 0")
-        _check(self.max_length >= 1, "max_length must be >= 1")
-        _check(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
+        require(self.length_penalty >= 0, "length_penalty must be >= 0")
+        require(self.max_length >= 1, "max_length must be >= 1")
+        require(self.batch_size >= 1, "batch_size must be >= 1")
 
     @property
     def label(self) -> str:
@@ -126,10 +127,10 @@ class DataConfig:
     skip_malformed: bool = False  # count and skip malformed caption lines instead of failing
 
     def __post_init__(self) -> None:
-        _check(bool(self.captions), "captions is required: the caption file to train on")
-        _check(bool(self.features), "features is required: the .npz or Parquet features")
-        _check(0.0 < self.dev_fraction < 1.0, "dev_fraction must be in (0, 1)")
-        _check((self.train_split is None) == (self.dev_split is None),
+        require(bool(self.captions), "captions is required: the caption file to train on")
+        require(bool(self.features), "features is required: the .npz or Parquet features")
+        require(0.0 < self.dev_fraction < 1.0, "dev_fraction must be in (0, 1)")
+        require((self.train_split is None) == (self.dev_split is None),
                "train_split and dev_split go together: give both or neither")
 
 
@@ -147,10 +148,10 @@ class RayTrainConfig:
     resume_from: str | None = None  # a checkpoint, run or output directory: continue from its latest epoch
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
-        _check(self.max_failures >= 0, f"max_failures must be >= 0 (-1 is not allowed), got {self.max_failures}")
-        _check(self.checkpoints_to_keep >= 1, f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        require(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        require(self.max_failures >= 0, f"max_failures must be >= 0 (-1 is not allowed), got {self.max_failures}")
+        require(self.checkpoints_to_keep >= 1, f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,10 @@ class CaptionJobConfig:
     coco: bool = True  # also score with the coco-caption scorers when pycocoevalcap is installed
 
     def __post_init__(self) -> None:
-        _check(bool(self.bundle), "bundle is required: the model bundle directory to caption with")
-        _check(bool(self.features), "features is required: the features to caption")
-        _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(bool(self.bundle), "bundle is required: the model bundle directory to caption with")
+        require(bool(self.features), "features is required: the features to caption")
+        require(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
 _PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
@@ -196,11 +197,11 @@ def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:
     """Check `value` against a (resolved) type annotation and convert nested tables to dataclasses."""
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
-        _check(isinstance(value, dict), f"{where} must be a table, got {value!r}")
+        require(isinstance(value, dict), f"{where} must be a table, got {value!r}")
         return _build(annotation, value, where, base)
     if origin is Literal:
         choices = typing.get_args(annotation)
-        _check(value in choices, f"{where} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        require(value in choices, f"{where} must be one of {', '.join(map(repr, choices))}; got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -209,18 +210,18 @@ def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:
         inner = [a for a in options if a is not type(None)]
         return _coerce(value, inner[0], where, base)
     if origin in (list, tuple):
-        _check(isinstance(value, list), f"{where} must be a list, got {value!r}")
+        require(isinstance(value, list), f"{where} must be a list, got {value!r}")
         (item,) = typing.get_args(annotation)[:1]
         return type(origin())(_coerce(v, item, f"{where}[{i}]", base) for i, v in enumerate(value))
     if annotation is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+        require(isinstance(value, (int, float)) and not isinstance(value, bool),
                f"{where} must be a number, got {value!r}")
         return float(value)
     if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool), f"{where} must be an integer, got {value!r}")
         return value
     if annotation in (str, bool):
-        _check(isinstance(value, annotation), f"{where} must be a {annotation.__name__}, got {value!r}")
+        require(isinstance(value, annotation), f"{where} must be a {annotation.__name__}, got {value!r}")
         return value
     return value
 
@@ -229,7 +230,7 @@ def _build(cls: type[T], table: dict[str, Any], where: str, base: Path) -> T:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - known)
-    _check(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    require(not unknown, f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in table.items():
         key = f"{where}.{name}" if where else name
@@ -264,7 +265,7 @@ def read_config_table(path: str | Path, overrides: dict[str, Any] | None = None)
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-            _check(isinstance(node, dict), f"override {dotted!r}: {part!r} is a value, not a table")
+            require(isinstance(node, dict), f"override {dotted!r}: {part!r} is a value, not a table")
         node[leaf] = value
     return table
 
@@ -295,7 +296,7 @@ class SourceConfig:
     include_archives: bool = False  # directories and S3 prefixes: also read the archives found in them
 
     def __post_init__(self) -> None:
-        _check(bool(self.path), "path is required: a directory, list file, archive or s3:// URI")
+        require(bool(self.path), "path is required: a directory, list file, archive or s3:// URI")
 
 
 @dataclass(frozen=True)
@@ -334,19 +335,19 @@ class ExtractConfig:
     s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
-        _check(len(self.sources) > 0, "sources must list at least one source, e.g. sources = [{path = \"images\"}]")
-        _check(bool(self.output_dir), "output_dir is required")
+        require(len(self.sources) > 0, "sources must list at least one source, e.g. sources = [{path = \"images\"}]")
+        require(bool(self.output_dir), "output_dir is required")
         from imgcap.backbones import BACKBONES  # light: no TensorFlow import
 
-        _check(self.backbone in BACKBONES,
+        require(self.backbone in BACKBONES,
                f"backbone must be one of {', '.join(sorted(BACKBONES))}; got {self.backbone!r}")
-        _check(not (self.weights == "none" and self.weights_file),
+        require(not (self.weights == "none" and self.weights_file),
                "weights = \"none\" contradicts weights_file; remove one of them")
-        _check(len(self.extensions) > 0 and all(e.startswith(".") for e in self.extensions),
+        require(len(self.extensions) > 0 and all(e.startswith(".") for e in self.extensions),
                f"extensions must be a non-empty list like [\".jpg\", \".png\"], got {self.extensions}")
-        _check(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
-        _check(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
-        _check(self.cpus_per_actor >= 0 and self.gpus_per_actor >= 0, "cpus_per_actor/gpus_per_actor must be >= 0")
-        _check(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        require(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
+        require(self.cpus_per_actor >= 0 and self.gpus_per_actor >= 0, "cpus_per_actor/gpus_per_actor must be >= 0")
+        require(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")

@@ -5,7 +5,7 @@ One config (see configs/demo.toml) drives the four stages, each the same code it
 1. data: with ``demo_images > 0``, the embedded demo dataset is drawn into ``work_dir/data`` (no download);
    otherwise ``images``, ``captions`` and the split files name real data;
 2. features: `imgcap.features.extract_features` (Ray Data, CNN actor pool) -> ``work_dir/features``;
-3. training: the decoder is trained on the train split -> ``work_dir/train/bundle``;
+3. training: Ray Train trains the decoder data-parallel on the train split -> ``work_dir/train/bundle``;
 4. captions: `imgcap.inference.run_caption_job` (Ray Data, bundle actors) captions the dev split ->
    ``work_dir/captions`` with the BLEU report.
 
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgcap.config import (CaptionJobConfig, ConfigError, ExtractConfig, TrainJobConfig, _check,
+from imgcap.config import (CaptionJobConfig, ConfigError, ExtractConfig, TrainJobConfig, require,
                            config_from_dict, read_config_table)
+from imgcap.distributed import DistributedTrainResult, train_on_ray
 from imgcap.features import ExtractionSummary, extract_features
 from imgcap.inference import CaptionJobResult, run_caption_job
 from imgcap.synthetic import demo_dataset_paths, make_shapes_dataset
-from imgcap.train import TrainResult, train_captioner
 
 
 @dataclass(frozen=True)
@@ -45,24 +45,32 @@ _TOP_KEYS = {"work_dir", "demo_images", "demo_seed", "images", "captions", "trai
              "extract", "train", "caption"}
 
 
+def _stage_config(stage: str, cls: type, table: dict[str, Any], base: Path) -> Any:
+    """A stage's config from its table; errors name the key from the pipeline file's top (``train.train.x``)."""
+    try:
+        return config_from_dict(cls, table, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{stage}.{exc}") from None
+
+
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read a pipeline TOML file, connect the stages' paths and validate every stage config."""
     path = Path(path)
     table = read_config_table(path, overrides)
     try:
         unknown = sorted(set(table) - _TOP_KEYS)
-        _check(not unknown, f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
+        require(not unknown, f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
         base = path.parent.resolve()
         work_dir = (base / table.get("work_dir", "runs/pipeline")).resolve()
         demo_images = table.get("demo_images", 0)
-        _check(isinstance(demo_images, int) and demo_images >= 0, "demo_images must be an integer >= 0")
+        require(isinstance(demo_images, int) and demo_images >= 0, "demo_images must be an integer >= 0")
         if demo_images:
             demo = demo_dataset_paths(work_dir / "data")
             images, captions, train_split, dev_split = map(str, (demo.images, demo.captions, demo.train_split,
                                                                  demo.dev_split))
         else:
             missing = [k for k in ("images", "captions") if not table.get(k)]
-            _check(not missing, f"{' and '.join(missing)} required (or demo_images > 0 for the demo data)")
+            require(not missing, f"{' and '.join(missing)} required (or demo_images > 0 for the demo data)")
             images, captions = table["images"], str(base / table["captions"])
             train_split = str(base / table["train_split"]) if table.get("train_split") else None
             dev_split = str(base / table["dev_split"]) if table.get("dev_split") else None
@@ -78,9 +86,9 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
                        split=dev_split, output_dir=str(work_dir / "captions"))
         return PipelineConfig(
             work_dir=work_dir, demo_images=demo_images, demo_seed=int(table.get("demo_seed", 0)),
-            extract=config_from_dict(ExtractConfig, extract, base),
-            train=config_from_dict(TrainJobConfig, train, base),
-            caption=config_from_dict(CaptionJobConfig, caption, base),
+            extract=_stage_config("extract", ExtractConfig, extract, base),
+            train=_stage_config("train", TrainJobConfig, train, base),
+            caption=_stage_config("caption", CaptionJobConfig, caption, base),
         )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
@@ -89,7 +97,7 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
 @dataclass(frozen=True)
 class PipelineResult:
     extraction: ExtractionSummary
-    training: TrainResult
+    training: DistributedTrainResult
     captions: CaptionJobResult
     seconds: float
 
@@ -104,7 +112,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
     if config.demo_images and not Path(config.train.data.captions).is_file():
         make_shapes_dataset(config.work_dir / "data", config.demo_images, seed=config.demo_seed)
     extraction = extract_features(config.extract)
-    training = train_captioner(config.train)
+    training = train_on_ray(config.train)
     captions_dir = Path(config.caption.output_dir) / "captions"
     if captions_dir.exists():  # captions belong to the bundle just trained: replace those of an earlier run
         for old in captions_dir.glob("*.parquet"):

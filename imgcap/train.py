@@ -92,7 +92,10 @@ class CaptionTrainer:
             loss = total / tf.maximum(count, 1.0)
             scaled = loss / self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
-        gradients, _ = tf.clip_by_global_norm(tape.gradient(scaled, variables), self.config.clip_norm)
+        # The gradients here are of loss / replicas: clipping them at clip_norm / replicas clips each replica's
+        # gradient at clip_norm, the same scale as one process (identical when there is one replica).
+        gradients, _ = tf.clip_by_global_norm(tape.gradient(scaled, variables),
+                                              self.config.clip_norm / self.strategy.num_replicas_in_sync)
         self.optimizer.apply_gradients(zip(gradients, variables))
         return loss
 
@@ -111,12 +114,18 @@ class CaptionTrainer:
         self.optimizer.learning_rate.assign(value)
 
     def train_epoch(self, examples: CaptionExamples, features: np.ndarray, rng: np.random.Generator,
-                    batch_size: int, num_batches: int | None = None, progress: bool = False) -> float:
-        """One pass over `examples` in length-bucketed batches; returns the mean training loss."""
+                    batch_size: int, num_batches: int | None = None, progress: bool = False,
+                    on_step: Callable[[int, int], None] | None = None) -> float:
+        """One pass over `examples` in length-bucketed batches; returns the mean training loss.
+
+        `on_step(step, total_steps)` runs before each step (a test hook: fault injection mid-epoch).
+        """
         total_batches = num_batches or math.ceil(len(examples) / batch_size)
         bar = keras.utils.Progbar(total_batches, stateful_metrics=["loss"], verbose=1) if progress else None
         losses = []
         for k, batch in enumerate(iterate_batches(examples, features, batch_size, rng, num_batches)):
+            if on_step is not None:
+                on_step(k, total_batches)
             losses.append(float(self._train_step(batch.features, batch.inputs, batch.targets)))
             if bar is not None:
                 bar.update(k + 1, [("loss", float(np.mean(losses[-50:])))])
@@ -130,6 +139,19 @@ class CaptionTrainer:
             total, count = total + float(s), count + float(n)
         return total / max(count, 1.0)
 
+    def save_state(self, path: str | Path) -> None:
+        """Model weights and optimizer variables (step count, Adam moments) into one ``.npz`` (checkpoints)."""
+        arrays = {f"model_{k}": w for k, w in enumerate(self.model.get_weights())}
+        arrays.update({f"optimizer_{k}": np.asarray(v.numpy()) for k, v in enumerate(self.optimizer.variables)})
+        np.savez(path, **arrays)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore what `save_state` wrote; shapes must match (same model config and vocabulary)."""
+        with np.load(path) as state:
+            self.model.set_weights([state[f"model_{k}"] for k in range(len(self.model.get_weights()))])
+            for k, variable in enumerate(self.optimizer.variables):
+                variable.assign(state[f"optimizer_{k}"])
+
 
 def greedy_bleu4(model: CaptionModel, vocab: Vocabulary, features: np.ndarray,
                  references: list[list[list[str]]], max_length: int = 30) -> float:
@@ -139,6 +161,39 @@ def greedy_bleu4(model: CaptionModel, vocab: Vocabulary, features: np.ndarray,
 
 
 EpochCallback = Callable[[EpochMetrics, CaptionTrainer], None]
+
+
+def selection_score(metrics: EpochMetrics, select_by: str) -> float:
+    """Higher is better: dev BLEU-4 (``train.select_by = "bleu"``) or minus the dev loss (``"loss"``)."""
+    return metrics.dev_bleu4 if select_by == "bleu" else -metrics.dev_loss
+
+
+def run_epoch(trainer: CaptionTrainer, vocab: Vocabulary, train: CaptionExamples, dev: CaptionExamples,
+              features: np.ndarray, dev_features: np.ndarray, dev_references: list[list[list[str]]],
+              epoch: int, rng: np.random.Generator, *, num_images: int, num_captions: int | None = None,
+              batch_size: int | None = None, num_batches: int | None = None, progress: bool = False,
+              on_step: Callable[[int, int], None] | None = None) -> EpochMetrics:
+    """Epoch `epoch` (0-based) of training plus the dev evaluation: learning rate for the epoch, one pass over
+    `train`, dev loss and (when selecting by BLEU) greedy dev BLEU-4.
+
+    Shared by `fit` and the Ray Train loop (imgcap.distributed), where `train` is the worker's shard,
+    `batch_size` the per-worker batch, `num_batches` the steps every worker takes, and `num_images` /
+    `num_captions` count the whole (global) training set, so images/s is the job's throughput.
+    """
+    config = trainer.config
+    trainer.set_learning_rate(config.learning_rate * config.lr_decay ** epoch)
+    started = time.perf_counter()
+    train_loss = trainer.train_epoch(train, features, rng, batch_size or config.batch_size, num_batches,
+                                     progress=progress, on_step=on_step)
+    seconds = time.perf_counter() - started
+    dev_loss = trainer.evaluate_loss(dev, features)
+    bleu = greedy_bleu4(trainer.model, vocab, dev_features, dev_references) if config.select_by == "bleu" else None
+    metrics = EpochMetrics(epoch + 1, train_loss, dev_loss, bleu, trainer.learning_rate, seconds,
+                           num_images / seconds, (num_captions or len(train)) / seconds)
+    log.info("epoch %d/%d: train loss %.4f, dev loss %.4f%s, %.1f s, %.0f images/s", epoch + 1,
+             config.epochs, train_loss, dev_loss, "" if bleu is None else f", dev BLEU-4 {bleu:.4f}",
+             seconds, metrics.images_per_second)
+    return metrics
 
 
 @dataclass
@@ -176,19 +231,10 @@ def fit(
     history: list[EpochMetrics] = []
     best_score, best_epoch, best_weights = -math.inf, start_epoch, None
     for epoch in range(start_epoch, config.epochs):
-        trainer.set_learning_rate(config.learning_rate * config.lr_decay ** epoch)
-        started = time.perf_counter()
-        train_loss = trainer.train_epoch(train, features, rng, config.batch_size, progress=progress)
-        seconds = time.perf_counter() - started
-        dev_loss = trainer.evaluate_loss(dev, features)
-        bleu = greedy_bleu4(trainer.model, vocab, dev_features, dev_references) if select_by == "bleu" else None
-        metrics = EpochMetrics(epoch + 1, train_loss, dev_loss, bleu, trainer.learning_rate, seconds,
-                               num_images / seconds, len(train) / seconds)
+        metrics = run_epoch(trainer, vocab, train, dev, features, dev_features, dev_references, epoch, rng,
+                            num_images=num_images, progress=progress)
         history.append(metrics)
-        log.info("epoch %d/%d: train loss %.4f, dev loss %.4f%s, %.1f s, %.0f images/s", epoch + 1,
-                 config.epochs, train_loss, dev_loss, "" if bleu is None else f", dev BLEU-4 {bleu:.4f}",
-                 seconds, metrics.images_per_second)
-        score = bleu if select_by == "bleu" else -dev_loss
+        score = selection_score(metrics, select_by)
         if score > best_score:
             best_score, best_epoch, best_weights = score, epoch + 1, trainer.model.get_weights()
         if on_epoch_end is not None:
@@ -260,13 +306,20 @@ def train_captioner(config: TrainJobConfig, progress: bool | None = None) -> Tra
     dev_references = [data.dev_references[i] for i in data.dev_ids]
     result = fit(trainer, data.vocab, data.train, data.dev, data.features.features, dev_features,
                  dev_references, progress=progress)
-    output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     provenance = {"train_job": config_to_dict(config), "best_epoch": result.best_epoch,
                   "history": [h.as_dict() for h in result.history]}
+    bundle_dir, report = write_training_outputs(config, model, data, result.history, provenance)
+    return TrainResult(bundle_dir, result.history, result.best_epoch, report)
+
+
+def write_training_outputs(config: TrainJobConfig, model: CaptionModel, data: TrainingData,
+                           history: list[EpochMetrics], provenance: dict) -> tuple[Path, EvaluationReport]:
+    """What every training job leaves in ``config.output_dir``: the bundle, history.csv, dev_report.json."""
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
     bundle = CaptionBundle(model, data.vocab, config.text, config.decode, config.data.backbone, provenance)
     bundle_dir = bundle.save(output / "bundle")
-    write_history(result.history, output / "history.csv")
+    write_history(history, output / "history.csv")
     report = evaluate_bundle_on_dev(bundle, data, coco=coco_available())
     (output / "dev_report.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
-    return TrainResult(bundle_dir, result.history, result.best_epoch, report)
+    return bundle_dir, report

@@ -23,7 +23,7 @@ def ray_local() -> Iterator[object]:
     tasks can read from the `s3_server` fixture (the endpoint itself is passed explicitly by each test)."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {**FAKE_AWS_ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield ray
     ray.shutdown()

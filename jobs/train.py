@@ -1,0 +1,23 @@
+"""Train the caption decoder with Ray Train (see imgcap.distributed.train_on_ray).
+
+Local:          python jobs/train.py --config configs/train_flickr8k.toml
+On a cluster:   ray job submit --working-dir . -- python jobs/train.py --config configs/train_flickr8k.toml
+Overrides:      --set ray.num_workers=4 --set ray.use_gpu=true --set train.epochs=20
+Resume:         --set ray.resume_from='"runs/train_flickr8k"'  (a checkpoint, run or output directory)
+
+Writes <output_dir>/bundle (the best epoch), history.csv, dev_report.json; Ray Train's run directory with
+the per-epoch checkpoints is <output_dir>/ray_results/<run name> unless ray.storage_path is set.
+Exit status: 0 on success, 2 on a configuration error (found before any worker starts).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from imgcap.cli import run_config_job  # noqa: E402
+from imgcap.config import TrainJobConfig  # noqa: E402
+from imgcap.distributed import train_on_ray  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_config_job(TrainJobConfig, train_on_ray, description=__doc__))
