@@ -2,7 +2,7 @@
 
     imgcap pipeline --config configs/demo.toml       # the main job: data -> features -> train -> captions
     imgcap extract  --config configs/extract_flickr8k.toml
-    imgcap train    --config configs/train_flickr8k.toml [--local]
+    imgcap train    --config configs/train_flickr8k.toml           # in this process (jobs/train.py: Ray Train)
     imgcap caption-job --config configs/caption_flickr8k.toml
     imgcap caption  --bundle runs/demo/train/bundle photo1.jpg photo2.jpg
     imgcap ensemble --out runs/ensemble runs/a/bundle runs/b/bundle

@@ -125,6 +125,8 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
         corpus = read_captions(config.references, config.references_format)
         references = {i: [t for t in (normalize(c, bundle.text.mode) for c in caps) if t]
                       for i, caps in corpus.captions.items()}
+    import ray.data
+
     started = time.perf_counter()
     dataset = _feature_dataset(config.features)
     if config.split:
@@ -133,7 +135,7 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
                                       batch_format="pyarrow")
     captioned = dataset.map_batches(
         BundleCaptioner, fn_constructor_kwargs={"bundle_dir": str(Path(config.bundle).resolve()), "decode": decode},
-        batch_size=config.batch_size, batch_format="pyarrow", concurrency=config.actors)
+        batch_size=config.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.actors))
     captioned.write_parquet(str(captions_dir))
     seconds = time.perf_counter() - started
     table = read_captions_output(captions_dir)
