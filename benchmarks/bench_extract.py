@@ -199,7 +199,7 @@ def main() -> None:
                 summary = run_pipeline(root / f"syn{count}", root / f"out_syn{count}", "thumbnail", 64)
             memory_rows.append((count, peak.peak, summary.images_per_second))
         if memory_rows:
-            print(f"\n| synthetic 320x240 JPEGs, thumbnail backbone | peak PSS driver + Ray | img/s |")
+            print("\n| synthetic 320x240 JPEGs, thumbnail backbone | peak PSS driver + Ray | img/s |")
             print("|---------------------------------------------:|----------------------:|------:|")
             for count, peak_bytes, rate in memory_rows:
                 print(f"| {count:>44} | {peak_bytes / 2**30:17.2f} GiB | {rate:5.0f} |")

@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgcap.config import (CaptionJobConfig, ConfigError, ExtractConfig, TrainJobConfig, require,
-                           config_from_dict, read_config_table)
+from imgcap.config import (
+    CaptionJobConfig,
+    ConfigError,
+    ExtractConfig,
+    TrainJobConfig,
+    config_from_dict,
+    read_config_table,
+    require,
+)
 from imgcap.distributed import DistributedTrainResult, train_on_ray
 from imgcap.features import ExtractionSummary, extract_features
 from imgcap.inference import CaptionJobResult, run_caption_job

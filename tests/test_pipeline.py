@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from imgcap.bundle import load_bundle
 from imgcap.config import CaptionJobConfig, ConfigError
+from imgcap.evaluate import nltk_corpus_bleu
+from imgcap.features import load_features
 from imgcap.inference import caption_photos, run_caption_job
 from imgcap.pipeline import load_pipeline_config, run_pipeline
 from imgcap.sinks import read_captions_output
@@ -37,8 +39,6 @@ def test_demo_pipeline_captions_dev_images_better_than_chance(demo_run):
     # Chance: each image scored against the references of another image.
     per_image = pq.read_table(Path(config.caption.output_dir) / "report.parquet").to_pylist()
     refs = [r["references"] for r in per_image]
-    from imgcap.evaluate import nltk_corpus_bleu
-
     hyps = [r["caption"].split() for r in per_image]
     shuffled = nltk_corpus_bleu([[x.split() for x in rs] for rs in refs[1:] + refs[:1]], hyps)[3]
     assert report.nltk_bleu[3] > shuffled + 0.05
@@ -47,8 +47,6 @@ def test_demo_pipeline_captions_dev_images_better_than_chance(demo_run):
 
 def test_bundle_records_its_provenance(demo_run):
     config, result = demo_run
-    from imgcap.bundle import load_bundle
-
     bundle = load_bundle(result.training.bundle_dir)
     assert bundle.backbone == "thumbnail"
     assert bundle.provenance["train_job"]["data"]["captions"] == config.train.data.captions
@@ -83,9 +81,6 @@ def test_caption_photos_matches_the_batch_job(demo_run):
     photos = [str(images / "shapes_00003.jpg"), str(images / "missing.jpg")]
     single = caption_photos(result.training.bundle_dir, photos, weights=None)
     assert single[1].caption is None and "No such file" in single[1].error
-    from imgcap.bundle import load_bundle
-    from imgcap.features import load_features
-
     table = load_features(config.extract.output_dir).select(["shapes_00003"])
     assert single[0].caption == " ".join(load_bundle(result.training.bundle_dir).caption(table.features)[0])
 
