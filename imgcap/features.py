@@ -66,6 +66,13 @@ class FeatureTable:
         return FeatureTable(list(ids), self.features[rows], [self.sources[r] for r in rows])
 
 
+def feature_matrix(column: pa.Array | pa.ChunkedArray, dim: int = -1) -> np.ndarray:
+    """A [N, dim] float32 matrix from a list<float> column without nulls (dim -1: inferred)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+
+
 def load_features(path: str | Path) -> FeatureTable:
     """Read a feature table from `.npz` (ids, features) or Parquet (file or directory); drops error rows."""
     path = Path(path)
@@ -86,9 +93,7 @@ def load_features(path: str | Path) -> FeatureTable:
     ids = table["image_id"].to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate image ids in the feature table")
-    flat = table["feature"].combine_chunks()
-    features = flat.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), -1)
-    return FeatureTable(ids, features, table["source"].to_pylist())
+    return FeatureTable(ids, feature_matrix(table["feature"]), table["source"].to_pylist())
 
 
 # --- extraction: images -> CNN features in Parquet (jobs/extract_features.py)

@@ -22,18 +22,11 @@ from imgcap.bundle import load_bundle
 from imgcap.captions import read_captions, read_split_file
 from imgcap.config import CaptionJobConfig, DecodeConfig
 from imgcap.evaluate import EvaluationReport, coco_available, evaluate_captions
-from imgcap.features import FEATURE_SCHEMA, load_features
+from imgcap.features import FEATURE_SCHEMA, feature_matrix, feature_rows, load_features
 from imgcap.sinks import CAPTION_SCHEMA, read_captions_output, write_report
 from imgcap.text import normalize
 
 log = logging.getLogger(__name__)
-
-
-def feature_matrix(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """A [N, dim] float32 matrix from a list<float> column without nulls."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
 
 
 class BundleCaptioner:
@@ -91,13 +84,8 @@ def _feature_dataset(path: str):
     import ray.data
 
     if path.endswith(".npz"):
-        table = load_features(path)
-        offsets = np.arange(len(table.ids) + 1, dtype=np.int32) * table.dim
-        feature = pa.ListArray.from_arrays(pa.array(offsets), pa.array(table.features.reshape(-1), pa.float32()))
-        arrow = pa.Table.from_arrays([pa.array(table.ids), pa.array(table.sources), pa.nulls(len(table.ids),
-                                      pa.string()), feature, pa.nulls(len(table.ids), pa.string())],
-                                     schema=FEATURE_SCHEMA)
-        return ray.data.from_arrow(arrow)
+        table = load_features(path)  # an .npz does not say which backbone made it: the column stays empty
+        return ray.data.from_arrow(feature_rows(table.ids, table.sources, "", table.features, [""] * len(table.ids)))
     return ray.data.read_parquet(path, columns=FEATURE_SCHEMA.names)
 
 
