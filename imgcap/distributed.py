@@ -347,6 +347,9 @@ def validate_job(config: TrainJobConfig):
     if len(data.train) < config.train.batch_size:
         raise ConfigError(f"train.batch_size = {config.train.batch_size} is larger than the {len(data.train)} "
                           f"training captions; lower train.batch_size")
+    if config.train.sampled_softmax >= len(data.vocab):
+        raise ConfigError(f"train.sampled_softmax = {config.train.sampled_softmax} must be smaller than the "
+                          f"vocabulary ({len(data.vocab)} words); lower it or use 0 (the full softmax)")
     try:
         build_model(config.model, data.vocab, data.features.dim, config.train.seed)  # e.g. GloVe dimension
     except (OSError, ValueError) as exc:

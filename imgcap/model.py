@@ -59,21 +59,32 @@ class CaptionModel(keras.Model):
         h, c = tf.split(projected, 2, axis=-1)
         return tf.zeros((batch, 0), dtype=projected.dtype), h, c
 
-    def _predict(self, context: tf.Tensor, lstm_out: tf.Tensor, training: bool) -> tf.Tensor:
+    def _hidden(self, context: tf.Tensor, lstm_out: tf.Tensor, training: bool) -> tf.Tensor:
         x = self.output_dropout(lstm_out, training=training)
         if self.config.architecture == "merge":
             if lstm_out.shape.rank == 3:
                 context = context[:, None, :]
             x = self.hidden(x + context)
-        return self.classifier(x)
+        return x
 
-    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
-        """Teacher forcing: (features [B, D], tokens [B, T]) -> logits [B, T, V]."""
+    def _predict(self, context: tf.Tensor, lstm_out: tf.Tensor, training: bool) -> tf.Tensor:
+        return self.classifier(self._hidden(context, lstm_out, training))
+
+    def hidden_states(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Teacher forcing up to the classifier: (features [B, D], tokens [B, T]) -> [B, T, H].
+
+        `call` is `classifier(hidden_states(...))`; a sampled-softmax loss (imgcap.train) takes these and the
+        classifier's weights instead of the logits over the whole vocabulary.
+        """
         features, tokens = inputs
         context, h, c = self._image_state(features, training)
         embedded = self.embedding_dropout(self.embedding(tokens), training=training)
         outputs, _, _ = self.lstm(embedded, initial_state=[h, c], training=training)
-        return self._predict(context, outputs, training)
+        return self._hidden(context, outputs, training)
+
+    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Teacher forcing: (features [B, D], tokens [B, T]) -> logits [B, T, V]."""
+        return self.classifier(self.hidden_states(inputs, training))
 
     def initial_state(self, features: tf.Tensor) -> DecoderState:
         """Decoding state before the first token, for a batch of image features."""

@@ -1,7 +1,7 @@
 """Training the caption decoder: a custom TensorFlow loop that runs alone or under tf.distribute.
 
-Teacher forcing over whole captions with sparse cross-entropy that ignores `<pad>` (optionally label-smoothed),
-gradient clipping, Adam with a per-epoch decay, and model selection on the dev split (dev loss or dev BLEU-4
+Teacher forcing over whole captions with sparse cross-entropy that ignores `<pad>` (optionally label-smoothed,
+or a sampled softmax for large vocabularies), gradient clipping, Adam with a per-epoch decay, and model selection on the dev split (dev loss or dev BLEU-4
 of greedy captions) with early stopping.
 
 The step is written once for any `tf.distribute.Strategy`: `strategy.run` inside a `tf.function`, with each
@@ -68,6 +68,24 @@ def masked_token_loss(logits: tf.Tensor, targets: tf.Tensor, label_smoothing: fl
     return tf.reduce_sum(nll * mask), tf.reduce_sum(mask)
 
 
+def sampled_token_loss(hidden: tf.Tensor, targets: tf.Tensor, classifier: keras.layers.Dense,
+                       num_sampled: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(sum of per-token losses, number of tokens) of a sampled softmax over non-`<pad>` targets.
+
+    Each token's true word competes with `num_sampled` words drawn once per step from a log-uniform (Zipf)
+    distribution over the ids, which fits the vocabulary's order by descending frequency
+    (`tf.nn.sampled_softmax_loss`, with the usual correction for the sampling probabilities). The classifier
+    is applied to the true and the sampled words only: the cost of the output layer falls from the vocabulary
+    size to `num_sampled` per token.
+    """
+    mask = tf.not_equal(targets, PAD_ID)
+    losses = tf.nn.sampled_softmax_loss(
+        weights=tf.transpose(classifier.kernel), biases=classifier.bias,
+        labels=tf.cast(tf.boolean_mask(targets, mask), tf.int64)[:, None], inputs=tf.boolean_mask(hidden, mask),
+        num_sampled=num_sampled, num_classes=classifier.units)
+    return tf.reduce_sum(losses), tf.reduce_sum(tf.cast(mask, losses.dtype))
+
+
 class CaptionTrainer:
     """Fits a `CaptionModel` on caption examples; one instance per training run.
 
@@ -77,6 +95,9 @@ class CaptionTrainer:
     def __init__(self, model: CaptionModel, config: TrainConfig,
                  strategy: tf.distribute.Strategy | None = None) -> None:
         self.model, self.config = model, config
+        if config.sampled_softmax >= model.vocab_size:
+            raise ValueError(f"train.sampled_softmax ({config.sampled_softmax}) must be smaller than the "
+                             f"vocabulary ({model.vocab_size} words); use 0 for the full softmax")
         self.strategy = strategy or tf.distribute.get_strategy()
         self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
         self.optimizer.build(model.trainable_variables)
@@ -87,8 +108,12 @@ class CaptionTrainer:
 
     def _replica_step(self, features: tf.Tensor, inputs: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            logits = self.model((features, inputs), training=True)
-            total, count = masked_token_loss(logits, targets, self.config.label_smoothing)
+            if self.config.sampled_softmax:
+                hidden = self.model.hidden_states((features, inputs), training=True)
+                total, count = sampled_token_loss(hidden, targets, self.model.classifier, self.config.sampled_softmax)
+            else:
+                logits = self.model((features, inputs), training=True)
+                total, count = masked_token_loss(logits, targets, self.config.label_smoothing)
             loss = total / tf.maximum(count, 1.0)
             scaled = loss / self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables

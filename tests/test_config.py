@@ -32,6 +32,8 @@ def test_overrides_are_applied_before_validation(tmp_path):
     ("[model]\narchitecture = \"attention\"\n", "model.architecture must be one of 'merge', 'inject'"),
     ("[text]\nmode = \"fancy\"\n", "text.mode must be one of 'standard', 'seed'"),
     ("[model]\ndropout = 1.5\n", "model.dropout must be in [0, 1)"),
+    ("[train]\nsampled_softmax = 512\nlabel_smoothing = 0.1\n",
+     "train.sampled_softmax and label_smoothing cannot be combined"),
 ])
 def test_bad_values_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError) as err:

@@ -174,6 +174,27 @@ def test_label_smoothing_loss_is_larger_for_confident_correct_predictions():
     assert float(smooth_sum) < float(plain_sum)  # target 1 is wrong here; smoothing spreads the blame
 
 
+def test_sampled_softmax_training_lowers_the_full_softmax_dev_loss(toy):
+    vocab, features, train, dev, dev_features, dev_refs = toy
+    config = TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, patience=0, select_by="loss",
+                         sampled_softmax=len(vocab) // 3)
+    model = build_model(ModelConfig(embedding_dim=32, units=64, dropout=0.1), vocab, features.shape[1], seed=0)
+    hidden = model.hidden_states((dev_features[:4], tf.fill((4, 3), START_ID)))
+    np.testing.assert_allclose(model.classifier(hidden), model((dev_features[:4], tf.fill((4, 3), START_ID))))
+    trainer = CaptionTrainer(model, config)
+    before = trainer.evaluate_loss(dev, features)  # always the full softmax
+    result = fit(trainer, vocab, train, dev, features, dev_features, dev_refs, progress=False)
+    assert result.history[-1].dev_loss < 0.6 * before
+    captions = [vocab.decode(t) for t in GreedyDecoder(model, 20).decode(dev_features).tokens]
+    assert nltk_corpus_bleu(dev_refs, captions)[3] > 0.5
+
+
+def test_sampled_softmax_must_be_smaller_than_the_vocabulary():
+    model = CaptionModel(ModelConfig(units=8, embedding_dim=4), vocab_size=12, feature_dim=3)
+    with pytest.raises(ValueError, match=r"sampled_softmax \(12\) must be smaller than the vocabulary \(12 words\)"):
+        CaptionTrainer(model, TrainConfig(sampled_softmax=12))
+
+
 def test_glove_initialises_known_words(tmp_path):
     glove = tmp_path / "glove.txt"
     glove.write_text("dog 1 2 3 4\ncat -1 -2 -3 -4\n", encoding="utf-8")
