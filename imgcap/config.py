@@ -75,6 +75,9 @@ class TrainConfig:
     # > 0: train on a sampled softmax with this many negative words per step instead of the whole vocabulary
     # (dev loss, dev BLEU and decoding always use the full softmax). Pays off for large vocabularies.
     sampled_softmax: int = 0
+    # > 0: keep an exponential moving average of the weights with this decay per step (e.g. 0.998); the average
+    # is what is evaluated on dev, selected and saved. 0: the weights as trained.
+    weight_ema: float = 0.0
     clip_norm: float = 5.0
     select_by: Literal["bleu", "loss"] = "bleu"  # best epoch: greedy dev BLEU-4, or dev loss
     patience: int = 3  # stop after this many epochs without a better dev score (0: never stop early)
@@ -86,6 +89,7 @@ class TrainConfig:
         require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         require(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
         require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        require(0 <= self.weight_ema < 1, f"weight_ema must be in [0, 1), got {self.weight_ema}")
         require(self.sampled_softmax >= 0, f"sampled_softmax must be >= 0, got {self.sampled_softmax}")
         require(not (self.sampled_softmax and self.label_smoothing),
                 "sampled_softmax and label_smoothing cannot be combined (smoothing needs the whole vocabulary)")

@@ -201,7 +201,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         score = selection_score(metrics, select_by)
         if score > best_score:
-            best_score, best_epoch, best_weights = score, epoch + 1, model.get_weights()
+            best_score, best_epoch, best_weights = score, epoch + 1, trainer.evaluated_weights()
         stop = bool(patience) and epoch + 1 - best_epoch >= patience
         reported = {k: v for k, v in metrics.as_dict().items() if v is not None}
         reported.update(best_epoch=best_epoch, world_size=world_size, started_at_epoch=restarts_from,
@@ -290,6 +290,10 @@ def _check_resume(config: TrainJobConfig, checkpoint: Path) -> tuple[dict[str, A
             if key != "glove_path" and ours.get(key) != value:
                 raise ConfigError(f"{table}.{key} is {ours.get(key)!r} but the checkpoint {checkpoint} was trained "
                                   f"with {value!r}; set {table}.{key} = {value!r} to resume it, or drop ray.resume_from")
+    if saved["train"].get("weight_ema", 0.0) != config.train.weight_ema:
+        raise ConfigError(f"train.weight_ema is {config.train.weight_ema!r} but the checkpoint {checkpoint} was "
+                          f"trained with {saved['train'].get('weight_ema', 0.0)!r} (its optimizer state holds the "
+                          f"average or not); set it back to resume, or drop ray.resume_from")
     if meta["epoch"] >= config.train.epochs:
         raise ConfigError(f"the checkpoint {checkpoint} is at epoch {meta['epoch']} and train.epochs is "
                           f"{config.train.epochs}: nothing left to train; raise train.epochs to continue")

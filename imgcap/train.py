@@ -1,8 +1,9 @@
 """Training the caption decoder: a custom TensorFlow loop that runs alone or under tf.distribute.
 
 Teacher forcing over whole captions with sparse cross-entropy that ignores `<pad>` (optionally label-smoothed,
-or a sampled softmax for large vocabularies), gradient clipping, Adam with a per-epoch decay, and model selection on the dev split (dev loss or dev BLEU-4
-of greedy captions) with early stopping.
+or a sampled softmax for large vocabularies), gradient clipping, Adam with a per-epoch decay, an optional
+moving average of the weights, and model selection on the dev split (dev loss or dev BLEU-4 of greedy
+captions) with early stopping.
 
 The step is written once for any `tf.distribute.Strategy`: `strategy.run` inside a `tf.function`, with each
 replica's loss divided by the number of replicas so that the all-reduced (summed) gradients are the average
@@ -18,7 +19,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,7 +101,8 @@ class CaptionTrainer:
             raise ValueError(f"train.sampled_softmax ({config.sampled_softmax}) must be smaller than the "
                              f"vocabulary ({model.vocab_size} words); use 0 for the full softmax")
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, use_ema=config.weight_ema > 0,
+                                               ema_momentum=config.weight_ema or 0.99)
         self.optimizer.build(model.trainable_variables)
         spec = [tf.TensorSpec([None, model.feature_dim], tf.float32),
                 tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None, None], tf.int32)]
@@ -130,6 +133,27 @@ class CaptionTrainer:
 
     def _eval_loss(self, features: tf.Tensor, inputs: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return masked_token_loss(self.model((features, inputs), training=False), targets)
+
+    @contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """Inside the block the model holds the weights to evaluate and keep: the moving average of the weights
+        when ``train.weight_ema`` > 0 (the trained weights come back on exit), else the weights as trained."""
+        if not self.config.weight_ema:
+            yield
+            return
+        variables = self.model.trainable_variables
+        trained = [v.numpy() for v in variables]
+        self.optimizer.finalize_variable_values(variables)
+        try:
+            yield
+        finally:
+            for variable, value in zip(variables, trained):
+                variable.assign(value)
+
+    def evaluated_weights(self) -> list[np.ndarray]:
+        """The model's weights as `evaluation_weights` sets them: what a best-epoch snapshot keeps."""
+        with self.evaluation_weights():
+            return self.model.get_weights()
 
     @property
     def learning_rate(self) -> float:
@@ -211,8 +235,9 @@ def run_epoch(trainer: CaptionTrainer, vocab: Vocabulary, train: CaptionExamples
     train_loss = trainer.train_epoch(train, features, rng, batch_size or config.batch_size, num_batches,
                                      progress=progress, on_step=on_step)
     seconds = time.perf_counter() - started
-    dev_loss = trainer.evaluate_loss(dev, features)
-    bleu = greedy_bleu4(trainer.model, vocab, dev_features, dev_references) if config.select_by == "bleu" else None
+    with trainer.evaluation_weights():
+        dev_loss = trainer.evaluate_loss(dev, features)
+        bleu = greedy_bleu4(trainer.model, vocab, dev_features, dev_references) if config.select_by == "bleu" else None
     metrics = EpochMetrics(epoch + 1, train_loss, dev_loss, bleu, trainer.learning_rate, seconds,
                            num_images / seconds, (num_captions or len(train)) / seconds)
     log.info("epoch %d/%d: train loss %.4f, dev loss %.4f%s, %.1f s, %.0f images/s", epoch + 1,
@@ -261,7 +286,7 @@ def fit(
         history.append(metrics)
         score = selection_score(metrics, select_by)
         if score > best_score:
-            best_score, best_epoch, best_weights = score, epoch + 1, trainer.model.get_weights()
+            best_score, best_epoch, best_weights = score, epoch + 1, trainer.evaluated_weights()
         if on_epoch_end is not None:
             on_epoch_end(metrics, trainer)
         if config.patience and epoch + 1 - best_epoch >= config.patience:

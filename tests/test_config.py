@@ -34,6 +34,7 @@ def test_overrides_are_applied_before_validation(tmp_path):
     ("[model]\ndropout = 1.5\n", "model.dropout must be in [0, 1)"),
     ("[train]\nsampled_softmax = 512\nlabel_smoothing = 0.1\n",
      "train.sampled_softmax and label_smoothing cannot be combined"),
+    ("[train]\nweight_ema = 1.0\n", "train.weight_ema must be in [0, 1), got 1.0"),
 ])
 def test_bad_values_name_the_key(tmp_path, extra, message):
     with pytest.raises(ConfigError) as err:

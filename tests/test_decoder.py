@@ -195,6 +195,28 @@ def test_sampled_softmax_must_be_smaller_than_the_vocabulary():
         CaptionTrainer(model, TrainConfig(sampled_softmax=12))
 
 
+def test_weight_ema_evaluates_and_keeps_the_moving_average(toy):
+    vocab, features, train, dev, dev_features, dev_refs = toy
+    decay = 0.8
+    model = build_model(ModelConfig(embedding_dim=32, units=64, dropout=0.1), vocab, features.shape[1], seed=0)
+    trainer = CaptionTrainer(model, TrainConfig(epochs=4, batch_size=32, learning_rate=3e-3, patience=0,
+                                                select_by="loss", weight_ema=decay))
+    before = trainer.evaluate_loss(dev, features)
+    average = None
+    for batch in list(iterate_batches(train, features, 32))[:3]:
+        trainer._train_step(batch.features, batch.inputs, batch.targets)
+        weights = [v.numpy() for v in model.trainable_variables]
+        average = weights if average is None else [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    trained = model.get_weights()
+    with trainer.evaluation_weights():
+        for variable, expected in zip(model.trainable_variables, average):
+            np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+    for now, then in zip(model.get_weights(), trained):  # the trained weights are back
+        np.testing.assert_array_equal(now, then)
+    result = fit(trainer, vocab, train, dev, features, dev_features, dev_refs, progress=False)
+    assert result.history[-1].dev_loss < 0.6 * before
+
+
 def test_glove_initialises_known_words(tmp_path):
     glove = tmp_path / "glove.txt"
     glove.write_text("dog 1 2 3 4\ncat -1 -2 -3 -4\n", encoding="utf-8")

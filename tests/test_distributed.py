@@ -152,6 +152,7 @@ def test_config_errors_fail_before_any_worker_starts(ray_local, toy_files, tmp_p
         ({"ray": {"use_gpu": True, "num_workers": 1}}, "set ray.use_gpu = false"),
         ({"train": {"batch_size": 33}}, "must be divisible by ray.num_workers"),
         ({"ray": {"resume_from": str(tmp_path)}}, "no imgcap checkpoint"),
+        ({"train": {"sampled_softmax": 500}}, r"train.sampled_softmax = 500 must be smaller than the vocabulary"),
         ({"data": {"dev_split": toy_files["train_split"], "train_split": str(tmp_path / "empty.txt")}},
          "train_split: .* does not exist"),
     ]
@@ -172,6 +173,9 @@ def test_resume_checks_the_checkpoint_against_the_config(two_workers, toy_files,
     previous = str(two_workers[0].bundle_dir.parent)
     with pytest.raises(ConfigError, match="model.units is 32 but the checkpoint .* was trained with 64"):
         train_on_ray(job_config(toy_files, tmp_path / "out", model={"units": 32}, train={"epochs": EPOCHS + 1},
+                                ray={"resume_from": previous}))
+    with pytest.raises(ConfigError, match="train.weight_ema is 0.99 but the checkpoint .* was trained with 0.0"):
+        train_on_ray(job_config(toy_files, tmp_path / "out", train={"epochs": EPOCHS + 1, "weight_ema": 0.99},
                                 ray={"resume_from": previous}))
     with pytest.raises(ConfigError, match=f"at epoch {EPOCHS} and train.epochs is {EPOCHS}: .* raise train.epochs"):
         train_on_ray(job_config(toy_files, tmp_path / "out", ray={"resume_from": previous}))
