@@ -1,6 +1,6 @@
 """Captioner speed against the seed notebooks' captioner, side by side in one run on the same features.
 
-    .venv/bin/python benchmarks/bench_captioner.py [--json runs/bench_captioner.json]   # ~10 min on 2 cores
+    .venv/bin/python benchmarks/bench_captioner.py [--json runs/bench_captioner.json]   # ~4 min on 2 cores
     .venv/bin/python benchmarks/bench_captioner.py --quick                              # smoke run, ~2 min
 
 On the shared Flickr8k MobileNetV2 features (../shared/flickr8k), in this order:
