@@ -319,7 +319,7 @@ def validate_job(config: TrainJobConfig):
     a batch that does not split over the workers, more workers than the cluster's CPUs or GPUs.
     """
     from imgcap.dataset import prepare_training_data
-    from imgcap.train import build_model
+    from imgcap.train import build_model, check_sampled_softmax
 
     for key, path in (("data.captions", config.data.captions), ("data.features", config.data.features),
                       ("data.train_split", config.data.train_split), ("data.dev_split", config.data.dev_split),
@@ -351,9 +351,10 @@ def validate_job(config: TrainJobConfig):
     if len(data.train) < config.train.batch_size:
         raise ConfigError(f"train.batch_size = {config.train.batch_size} is larger than the {len(data.train)} "
                           f"training captions; lower train.batch_size")
-    if config.train.sampled_softmax >= len(data.vocab):
-        raise ConfigError(f"train.sampled_softmax = {config.train.sampled_softmax} must be smaller than the "
-                          f"vocabulary ({len(data.vocab)} words); lower it or use 0 (the full softmax)")
+    try:
+        check_sampled_softmax(config.train, len(data.vocab))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         build_model(config.model, data.vocab, data.features.dim, config.train.seed)  # e.g. GloVe dimension
     except (OSError, ValueError) as exc:

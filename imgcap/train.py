@@ -88,6 +88,13 @@ def sampled_token_loss(hidden: tf.Tensor, targets: tf.Tensor, classifier: keras.
     return tf.reduce_sum(losses), tf.reduce_sum(tf.cast(mask, losses.dtype))
 
 
+def check_sampled_softmax(config: TrainConfig, vocab_size: int) -> None:
+    """Raise ValueError unless ``train.sampled_softmax`` is off or smaller than the vocabulary."""
+    if config.sampled_softmax >= vocab_size:
+        raise ValueError(f"train.sampled_softmax = {config.sampled_softmax} must be smaller than the vocabulary "
+                         f"({vocab_size} words); lower it or use 0 (the full softmax)")
+
+
 class CaptionTrainer:
     """Fits a `CaptionModel` on caption examples; one instance per training run.
 
@@ -97,9 +104,7 @@ class CaptionTrainer:
     def __init__(self, model: CaptionModel, config: TrainConfig,
                  strategy: tf.distribute.Strategy | None = None) -> None:
         self.model, self.config = model, config
-        if config.sampled_softmax >= model.vocab_size:
-            raise ValueError(f"train.sampled_softmax ({config.sampled_softmax}) must be smaller than the "
-                             f"vocabulary ({model.vocab_size} words); use 0 for the full softmax")
+        check_sampled_softmax(config, model.vocab_size)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, use_ema=config.weight_ema > 0,
                                                ema_momentum=config.weight_ema or 0.99)

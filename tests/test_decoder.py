@@ -191,7 +191,7 @@ def test_sampled_softmax_training_lowers_the_full_softmax_dev_loss(toy):
 
 def test_sampled_softmax_must_be_smaller_than_the_vocabulary():
     model = CaptionModel(ModelConfig(units=8, embedding_dim=4), vocab_size=12, feature_dim=3)
-    with pytest.raises(ValueError, match=r"sampled_softmax \(12\) must be smaller than the vocabulary \(12 words\)"):
+    with pytest.raises(ValueError, match=r"sampled_softmax = 12 must be smaller than the vocabulary \(12 words\)"):
         CaptionTrainer(model, TrainConfig(sampled_softmax=12))
 
 
