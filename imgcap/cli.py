@@ -15,8 +15,6 @@ message naming the key, before Ray or TensorFlow start.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -25,6 +23,7 @@ from typing import Any, TypeVar
 from imgcap.backbones import BackboneError
 from imgcap.captions import CaptionFormatError
 from imgcap.config import ConfigError, load_config
+from imgcap.runtime import init_ray, setup_logging
 from imgcap.sources import SourceError
 
 T = TypeVar("T")
@@ -49,19 +48,6 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _setup_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner out of job logs
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def init_ray() -> None:
-    """Connect to the cluster of `ray job submit` (RAY_ADDRESS), or start a local Ray for development."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-
-
 def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Callable[[T], Any],
                    argv: Sequence[str] | None = None, description: str = "", uses_ray: bool = True) -> int:
     """Parse ``--config`` and ``--set``, load and validate the config, then `run` it and print its summary.
@@ -82,7 +68,7 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    _setup_logging()
+    setup_logging()
     if uses_ray:
         init_ray()
     try:
@@ -135,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--beam-width", type=int, default=0, help="override the bundle's beam width")
         parser.add_argument("--resize", default="stretch", choices=["stretch", "center_crop"])
         parser.add_argument("--resample", default="nearest")
-        _setup_logging()
+        setup_logging()
         return _caption_command(parser.parse_args(rest))
     if command == "ensemble":
         parser = argparse.ArgumentParser(prog="imgcap ensemble", description=commands["ensemble"])

@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from imgcap.config import ConfigError, TrainJobConfig, config_from_dict, config_to_dict
+from imgcap.runtime import quiet_tensorflow
 from imgcap.text import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _fail_once_hook(spec: str | None, epoch: int, rank: int, world_size: int):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: its shard, MultiWorkerMirroredStrategy, the shared epoch loop, per-epoch report."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     import ray.train
     import tensorflow as tf
 
@@ -376,7 +377,7 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     from imgcap.train import EpochMetrics, build_model, write_training_outputs
 
     if not ray.is_initialized():
-        from imgcap.cli import init_ray
+        from imgcap.runtime import init_ray
 
         init_ray()
     storage, name = _run_directory(config)
