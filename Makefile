@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/python jobs/pipeline.py --config configs/demo.toml
 
-test: $(VENV)/.installed
+# Debian's chromium renders the HTML contact sheet in the tests; without it (no root, no apt) they skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } 2>/dev/null || \
+		echo "chromium could not be installed: the HTML report tests will be skipped"
+
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed

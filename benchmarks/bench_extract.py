@@ -6,7 +6,7 @@ Speed (MobileNetV2, the shared weights, the 300 shared Flickr8k images repeated 
   (a) the seeds' loop: keras.utils.load_img(target_size=(224, 224)) + img_to_array + preprocess_input +
       model.predict, one image at a time;
   (b) the raw batched CNN forward on arrays decoded beforehand (the machine's limit: no I/O, no decode);
-  Ray pipeline: imgcap.features.extract_features on a local Ray cluster (read + decode tasks, one CNN actor,
+  Ray pipeline: imgcap.extract_job.extract_features on a local Ray cluster (read + decode tasks, one CNN actor,
       Parquet out). End to end includes starting the actor and loading the model; steady state is the
       marginal rate between a run of N and a run of 2N images, which cancels that fixed cost.
 Memory: peak PSS of the driver plus every Ray process (sampled every 0.25 s) while extracting 1k vs 20k
@@ -126,7 +126,7 @@ class PeakMemory:
 
 def run_pipeline(images: Path, output: Path, backbone: str, batch_size: int):
     from imgcap.config import ExtractConfig, config_from_dict
-    from imgcap.features import extract_features
+    from imgcap.extract_job import extract_features
 
     table = {"sources": [{"path": str(images)}], "output_dir": str(output), "backbone": backbone,
              "batch_size": batch_size, "rows_per_file": 10000}
@@ -149,7 +149,7 @@ def main() -> None:
     import ray
 
     from imgcap.backbones import build_backbone
-    from imgcap.decode import DecodeOptions, decode_image
+    from imgcap.imaging import ImagingOptions, load_pixels
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -164,7 +164,7 @@ def main() -> None:
         # The machine may be shared: measure (b) before, between and after the pipeline runs and use the mean,
         # so a load change hits both sides alike.
         model = build_backbone("mobilenet_v2", str(WEIGHTS))
-        pixels = np.stack([decode_image(p.read_bytes(), DecodeOptions((224, 224))) for p in paths])
+        pixels = np.stack([load_pixels(p.read_bytes(), ImagingOptions((224, 224))) for p in paths])
         load = [os.getloadavg()[0]]
         raws = [raw_forward(model, pixels, args.batch_size)]
         once = run_pipeline(root / "n", root / "out_n", "mobilenet_v2", args.batch_size)

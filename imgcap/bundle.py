@@ -2,9 +2,10 @@
 
 A bundle is a directory with
 
-- ``bundle.json``: format version, text / decoding config, feature dimension, the backbone that made the
-  training features, one entry per model (its `ModelConfig` and weights file) and the provenance: the
-  training config and metrics that produced each model;
+- ``bundle.json``: format version, text / decoding config, feature dimension, the embedding that made the
+  training features (`imgcap.embedding.EmbeddingSpec`: backbone, pooling, resize, resample, JPEG draft, so
+  new photos are embedded exactly as those features were), one entry per model (its `ModelConfig` and
+  weights file) and the provenance: the training config and metrics that produced each model;
 - ``vocab.json``: the vocabulary (words in id order and the text mode);
 - ``model-<k>.weights.h5``: the weights of model k.
 
@@ -15,16 +16,22 @@ from its recorded config and loads its weights, so a loaded bundle captions exac
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, config_from_dict, config_to_dict
+from imgcap.embedding import EmbeddingSpec
 from imgcap.model import CaptionEnsemble, CaptionModel
+from imgcap.sources import S3Options, output_filesystem
 from imgcap.text import Vocabulary
 
 BUNDLE_FORMAT = "imgcap-bundle/1"
@@ -39,9 +46,15 @@ class CaptionBundle:
     vocab: Vocabulary
     text: TextConfig
     decode: DecodeConfig
-    backbone: str = ""  # the CNN that made the features this decoder was trained on
+    embedding: EmbeddingSpec | None = None  # how the features this decoder was trained on were made
     provenance: dict[str, Any] = field(default_factory=dict)  # training config and metrics (per member)
+    fingerprint: str = ""  # sha256 of the saved files (set by save/load): names this exact bundle in outputs
     _decoders: dict[DecodeConfig, GreedyDecoder | BeamSearchDecoder] = field(default_factory=dict, repr=False)
+
+    @property
+    def backbone(self) -> str:
+        """The backbone tag of the training features ("" when unknown)."""
+        return self.embedding.tag if self.embedding else ""
 
     def decoder(self, decode: DecodeConfig | None = None) -> GreedyDecoder | BeamSearchDecoder:
         """The decoder for `decode` (default: the bundle's), built once so its graph is traced once."""
@@ -68,12 +81,14 @@ class CaptionBundle:
             "vocab_size": len(self.vocab),
             "feature_dim": self.model.feature_dim,
             "backbone": self.backbone,
+            "embedding": self.embedding.to_dict() if self.embedding else None,
             "provenance": self.provenance,
         }
         for model, entry in zip(self.members, models):
             model.save_weights(directory / entry["weights"])
         self.vocab.save(directory / _VOCAB)
         (directory / _META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        self.fingerprint = bundle_fingerprint(directory, [_META, _VOCAB, *(m["weights"] for m in models)])
         return directory
 
     @property
@@ -82,8 +97,11 @@ class CaptionBundle:
         return self.model.members if isinstance(self.model, CaptionEnsemble) else [self.model]
 
 
-def load_bundle(directory: str | Path) -> CaptionBundle:
-    """Load a bundle written by `CaptionBundle.save`; errors name the missing or mismatching part."""
+def load_bundle(directory: str | Path, s3: S3Options | None = None) -> CaptionBundle:
+    """Load a bundle written by `CaptionBundle.save`, from a directory or a URI (``s3://...``, fetched once
+    per process with `s3`'s options); errors name the missing or mismatching part."""
+    if "://" in str(directory):
+        directory = fetch_bundle(str(directory), s3 or S3Options())
     directory = Path(directory)
     for name in (_META, _VOCAB):
         if not (directory / name).is_file():
@@ -103,15 +121,42 @@ def load_bundle(directory: str | Path) -> CaptionBundle:
         model.load_weights(directory / entry["weights"])
         members.append(model)
     model = members[0] if len(members) == 1 else CaptionEnsemble(members)
+    # Bundles written before the embedding was recorded name only the backbone; their features were made
+    # with the extraction defaults, which is what from_tag assumes.
+    embedding = (EmbeddingSpec.from_dict(meta["embedding"]) if meta.get("embedding")
+                 else EmbeddingSpec.from_tag(meta["backbone"]) if meta.get("backbone") else None)
+    files = [_META, _VOCAB, *(entry["weights"] for entry in meta["models"])]
     return CaptionBundle(model, vocab, config_from_dict(TextConfig, meta["text"]),
-                         config_from_dict(DecodeConfig, meta["decode"]), meta.get("backbone", ""),
-                         meta.get("provenance", {}))
+                         config_from_dict(DecodeConfig, meta["decode"]), embedding, meta.get("provenance", {}),
+                         bundle_fingerprint(directory, files))
+
+
+@functools.lru_cache(maxsize=8)
+def fetch_bundle(uri: str, s3: S3Options) -> Path:
+    """A local copy of the bundle at `uri` (every caption actor of a cluster job fetches its own, so the bundle
+    needs no shared filesystem); kept for the life of the process."""
+    filesystem, path = output_filesystem(uri, s3)
+    if filesystem.get_file_info(f"{path}/{_META}").type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri} is not a model bundle: {_META} is missing")
+    local = Path(tempfile.mkdtemp(prefix="imgcap-bundle-"))
+    pafs.copy_files(path, str(local), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def bundle_fingerprint(directory: Path, files: list[str]) -> str:
+    """``sha256:<16 hex>`` of a bundle's files: the same bundle anywhere (copied, uploaded with a job's working
+    dir) has the same fingerprint, so resumed outputs can tell it from another model."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode("utf-8"))
+        digest.update((directory / name).read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def combine_bundles(bundles: list[CaptionBundle], decode: DecodeConfig | None = None) -> CaptionBundle:
     """One bundle that captions with the ensemble of `bundles`' models.
 
-    The bundles must share the vocabulary, text normalisation and backbone (bundles trained on the same
+    The bundles must share the vocabulary, text normalisation and embedding (bundles trained on the same
     data and text config do); their models may differ (e.g. merge and inject). Decoding defaults to the
     first bundle's. The provenance keeps each member's.
     """
@@ -122,9 +167,9 @@ def combine_bundles(bundles: list[CaptionBundle], decode: DecodeConfig | None = 
         if other.vocab != first.vocab:
             raise ValueError(f"bundle {k} has another vocabulary than bundle 0: train both on the same data "
                              "and text config")
-        if (other.text, other.backbone) != (first.text, first.backbone):
-            raise ValueError(f"bundle {k} differs from bundle 0 in text config or backbone")
+        if (other.text, other.embedding) != (first.text, first.embedding):
+            raise ValueError(f"bundle {k} differs from bundle 0 in text config or embedding (backbone, imaging)")
     members = [m for b in bundles for m in b.members]
     provenance = {"members": [b.provenance for b in bundles]}
-    return CaptionBundle(CaptionEnsemble(members), first.vocab, first.text, decode or first.decode, first.backbone,
+    return CaptionBundle(CaptionEnsemble(members), first.vocab, first.text, decode or first.decode, first.embedding,
                          provenance)

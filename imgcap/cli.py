@@ -3,7 +3,7 @@
     imgcap pipeline --config configs/demo.toml       # the main job: data -> features -> train -> captions
     imgcap extract  --config configs/extract_flickr8k.toml
     imgcap train    --config configs/train_flickr8k.toml           # in this process (jobs/train.py: Ray Train)
-    imgcap caption-job --config configs/caption_flickr8k.toml
+    imgcap caption-job --config configs/caption_images.toml     # images -> captions, the bulk job
     imgcap caption  --bundle runs/demo/train/bundle photo1.jpg photo2.jpg
     imgcap ensemble --out runs/ensemble runs/a/bundle runs/b/bundle
 
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from imgcap.backbones import BackboneError
 from imgcap.captions import CaptionFormatError
 from imgcap.config import ConfigError, load_config
-from imgcap.runtime import init_ray, setup_logging
+from imgcap.runtime import init_ray, quiet_tensorflow, setup_logging
 from imgcap.sources import SourceError
 
 T = TypeVar("T")
@@ -82,12 +82,12 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
 
 def _caption_command(args: argparse.Namespace) -> int:
     from imgcap.config import DecodeConfig
-    from imgcap.inference import caption_photos
+    from imgcap.caption_job import caption_photos
 
     weights = None if args.weights == "none" else args.weights
     decode = DecodeConfig(beam_width=args.beam_width) if args.beam_width else None
     failed = 0
-    for result in caption_photos(args.bundle, args.photos, weights, decode, args.resize, args.resample):
+    for result in caption_photos(args.bundle, args.photos, weights, decode):
         if result.caption is None:
             failed += 1
             print(f"{result.path}\terror: {result.error}")
@@ -98,13 +98,14 @@ def _caption_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `imgcap` console script."""
+    quiet_tensorflow()  # before a command's imports bring in TensorFlow
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "pipeline": "the main job: data -> features -> train -> captions (Ray)",
         "extract": "image features into Parquet (Ray Data)",
         "train": "train a caption decoder in this process (jobs/train.py trains on Ray Train)",
-        "caption-job": "caption a features table into Parquet, with BLEU where references exist (Ray Data)",
-        "caption": "caption photo files with a model bundle",
+        "caption-job": "caption images (or a features table) into Parquet, with reports (Ray Data)",
+        "caption": "caption a few photo files with a model bundle, in this process",
         "ensemble": "combine bundles trained on the same vocabulary into one ensemble bundle",
     }
     if not argv or argv[0] not in commands:
@@ -119,8 +120,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--weights", default="imagenet",
                             help="backbone weights: imagenet (Keras download or $KERAS_HOME cache), a file, or none")
         parser.add_argument("--beam-width", type=int, default=0, help="override the bundle's beam width")
-        parser.add_argument("--resize", default="stretch", choices=["stretch", "center_crop"])
-        parser.add_argument("--resample", default="nearest")
         setup_logging()
         return _caption_command(parser.parse_args(rest))
     if command == "ensemble":
@@ -139,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_config_job(load_pipeline_config, run_pipeline, rest, commands[command])
     if command == "extract":
         from imgcap.config import ExtractConfig
-        from imgcap.features import extract_features
+        from imgcap.extract_job import extract_features
 
         return run_config_job(ExtractConfig, extract_features, rest, commands[command])
     if command == "train":
@@ -148,6 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_config_job(TrainJobConfig, train_captioner, rest, commands[command], uses_ray=False)
     from imgcap.config import CaptionJobConfig
-    from imgcap.inference import run_caption_job
+    from imgcap.caption_job import run_caption_job
 
     return run_config_job(CaptionJobConfig, run_caption_job, rest, commands[command])

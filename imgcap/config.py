@@ -16,7 +16,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from imgcap.embedding import EmbeddingSpec
+
+
+IdFrom = Literal["stem", "relpath", "uri"]
+CaptionFormat = Literal["auto", "flickr8k", "csv", "coco", "karpathy"]
 
 
 class ConfigError(ValueError):
@@ -149,19 +156,28 @@ class RayTrainConfig:
     """How jobs/train.py runs on Ray Train (see imgcap.distributed); unused by single-process training."""
 
     num_workers: int = 2  # data-parallel workers; train.batch_size is the global batch, split over them
-    use_gpu: bool = False  # one GPU per worker; the cluster must have num_workers GPUs
+    use_gpu: bool = False  # one GPU per worker; the cluster must have num_workers GPUs (or an autoscaler add them)
     cpus_per_worker: int = 1  # Ray CPUs reserved per worker (also TensorFlow's intra-op threads)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
-    storage_path: str = ""  # where Ray Train keeps runs and checkpoints ("": <output_dir>/ray_results)
-    run_name: str = ""  # "": train-<timestamp>; an existing run name needs resume_from
+    # Where Ray Train keeps runs and checkpoints: a directory ("": <output_dir>/ray_results; shared storage on a
+    # multi-node cluster) or a pyarrow filesystem URI (s3://bucket/prefix); checked writable before training.
+    storage_path: str = ""
+    storage_endpoint_url: str | None = None  # S3-compatible endpoint of an s3:// storage_path/resume_from (MinIO)
+    # "": train-<output_dir name>-<8 hex of its path>, stable: rerunning the job continues its run (same config)
+    run_name: str = ""
     checkpoints_to_keep: int = 2  # best checkpoints kept by train.select_by (the latest is always kept too)
-    resume_from: str | None = None  # a checkpoint, run or output directory: continue from its latest epoch
+    # a checkpoint, run or output directory (or URI) of another run: a NEW run starts from its latest epoch
+    resume_from: str | None = None
+    # autoscaling cluster short of CPUs/GPUs: seconds to wait for the autoscaler (0: refuse at once, as on a
+    # fixed cluster, which is always refused at once)
+    resource_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
         require(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         require(self.max_failures >= 0, f"max_failures must be >= 0 (-1 is not allowed), got {self.max_failures}")
         require(self.checkpoints_to_keep >= 1, f"checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        require(self.resource_timeout_s >= 0, f"resource_timeout_s must be >= 0, got {self.resource_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -175,28 +191,6 @@ class TrainJobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     ray: RayTrainConfig = field(default_factory=RayTrainConfig)
-
-
-@dataclass(frozen=True)
-class CaptionJobConfig:
-    """Config of jobs/caption.py: features -> captions (Parquet), and BLEU where references exist."""
-
-    bundle: str  # a model bundle directory (see imgcap.bundle)
-    features: str  # Parquet file/directory written by extraction, or a .npz with ids and features
-    output_dir: str = "runs/captions"
-    references: str | None = None  # a caption file; when set, captions are scored against it
-    references_format: Literal["auto", "flickr8k", "csv", "coco", "karpathy"] = "auto"
-    split: str | None = None  # a split file: caption only the images it lists
-    decode: DecodeConfig | None = None  # default: the decoding recorded in the bundle
-    actors: int = 1  # caption actors (one bundle load each)
-    batch_size: int = 256  # images per decoding batch
-    coco: bool = True  # also score with the coco-caption scorers when pycocoevalcap is installed
-
-    def __post_init__(self) -> None:
-        require(bool(self.bundle), "bundle is required: the model bundle directory to caption with")
-        require(bool(self.features), "features is required: the features to caption")
-        require(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
-        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
 _PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
@@ -298,6 +292,37 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ActorPoolConfig:
+    """A Ray Data actor pool: `actors` at start, growing to `max_actors` (0: fixed) while work waits."""
+
+    actors: int = 1
+    max_actors: int = 0
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # requested whenever > 0 (so autoscalers add GPU nodes); 0: CPU only
+
+    def __post_init__(self) -> None:
+        check_pool(self)
+
+
+def check_pool(pool: ActorPoolConfig) -> None:
+    """The checks of an actor pool's keys, shared by the jobs that name them at their top level."""
+    require(pool.actors >= 1, f"actors must be >= 1, got {pool.actors}")
+    require(pool.max_actors == 0 or pool.max_actors >= pool.actors,
+            f"max_actors must be 0 (a fixed pool) or >= actors = {pool.actors}, got {pool.max_actors}")
+    require(pool.cpus_per_actor >= 0, f"cpus_per_actor must be >= 0, got {pool.cpus_per_actor}")
+    require(pool.gpus_per_actor >= 0, f"gpus_per_actor must be >= 0, got {pool.gpus_per_actor}")
+
+
+def check_image_input(extensions: list[str], max_pixels: int, shard_size: int, rows_per_file: int) -> None:
+    """The checks of the image-input and output keys that extraction and the captioning job share."""
+    require(len(extensions) > 0 and all(e.startswith(".") for e in extensions),
+            f"extensions must be a non-empty list like [\".jpg\", \".png\"], got {extensions}")
+    require(max_pixels > 0, f"max_pixels must be > 0, got {max_pixels}")
+    require(shard_size >= 1, f"shard_size must be >= 1, got {shard_size}")
+    require(rows_per_file >= 1, f"rows_per_file must be >= 1, got {rows_per_file}")
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """One image source: a directory, list file, archive or s3:// URI (see imgcap.sources)."""
 
@@ -321,17 +346,17 @@ class S3Config:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Config of jobs/extract_features.py: images -> CNN features in Parquet (see imgcap.features)."""
+    """Config of jobs/extract_features.py: images -> CNN features in Parquet (see imgcap.extract_job)."""
 
     sources: list[SourceConfig]
-    output_dir: str = "runs/features"  # Parquet directory; rerunning into it skips images already there
+    output_dir: str = "runs/features"  # Parquet directory or URI (s3://...); a rerun skips images already there
     backbone: str = "mobilenet_v2"  # one of imgcap.backbones.BACKBONES
     weights: Literal["imagenet", "none"] = "imagenet"  # "none": random init (tests only)
     weights_file: str | None = None  # a local Keras weights file; overrides `weights`
     pooling: Literal["default", "avg", "max", "none"] = "default"
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp",
                                                            ".tif", ".tiff"])
-    id_from: Literal["stem", "relpath"] = "stem"  # image id: file name without extension, or relative path
+    id_from: IdFrom = "stem"  # image id: file name without extension, path relative to the source, or the URI
     resize: Literal["stretch", "center_crop"] = "stretch"  # stretch = load_img(target_size), as the seeds
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"] = "nearest"
     jpeg_draft: bool = False  # decode big JPEGs at reduced scale (faster; not bit-identical to load_img)
@@ -339,8 +364,9 @@ class ExtractConfig:
     batch_size: int = 32  # images per CNN forward pass
     shard_size: int = 64  # images per read/decode task
     actors: int = 1  # CNN actors (one model load each)
+    max_actors: int = 0  # > actors: the pool autoscales between actors and max_actors
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 1.0  # used only when the cluster has GPUs; 0 keeps the CNN on CPU
+    gpus_per_actor: float = 0.0  # GPUs each CNN actor requests (autoscalers add GPU nodes for them); 0: CPU
     rows_per_file: int = 5000  # Parquet rows per output file (bounds file size and the work lost to a kill)
     s3: S3Config = field(default_factory=S3Config)
 
@@ -353,11 +379,93 @@ class ExtractConfig:
                f"backbone must be one of {', '.join(sorted(BACKBONES))}; got {self.backbone!r}")
         require(not (self.weights == "none" and self.weights_file),
                "weights = \"none\" contradicts weights_file; remove one of them")
-        require(len(self.extensions) > 0 and all(e.startswith(".") for e in self.extensions),
-               f"extensions must be a non-empty list like [\".jpg\", \".png\"], got {self.extensions}")
-        require(self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
-        require(self.actors >= 1, f"actors must be >= 1, got {self.actors}")
-        require(self.cpus_per_actor >= 0 and self.gpus_per_actor >= 0, "cpus_per_actor/gpus_per_actor must be >= 0")
-        require(self.rows_per_file >= 1, f"rows_per_file must be >= 1, got {self.rows_per_file}")
+        check_image_input(self.extensions, self.max_pixels, self.shard_size, self.rows_per_file)
+        check_pool(self.pool)
+
+    @property
+    def pool(self) -> ActorPoolConfig:
+        """The CNN actor pool."""
+        return ActorPoolConfig(self.actors, self.max_actors, self.cpus_per_actor, self.gpus_per_actor)
+
+    @property
+    def embedding(self) -> "EmbeddingSpec":
+        """How images become features (recorded next to the output, then in bundles trained on it)."""
+        from imgcap.embedding import EmbeddingSpec
+
+        return EmbeddingSpec(self.backbone, self.pooling, self.resize, self.resample, self.jpeg_draft)
+
+
+@dataclass(frozen=True)
+class CnnConfig:
+    """The captioner actors of the images -> captions job (each holds the CNN and the caption decoder): the
+    CNN's weights and the pool (backbone, pooling and imaging come from the bundle, so photos are embedded as
+    its training features were)."""
+
+    weights: Literal["imagenet", "none"] = "imagenet"
+    weights_file: str | None = None  # a local Keras weights file; overrides `weights`
+    batch_size: int = 32  # images per CNN forward pass (and caption-decoding call)
+    actors: int = 1
+    max_actors: int = 0
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # requested whenever > 0 (so autoscalers add GPU nodes); 0: CPU only
+
+    def __post_init__(self) -> None:
+        require(not (self.weights == "none" and self.weights_file),
+                "weights = \"none\" contradicts weights_file; remove one of them")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check_pool(self.pool)
+
+    @property
+    def pool(self) -> ActorPoolConfig:
+        return ActorPoolConfig(self.actors, self.max_actors, self.cpus_per_actor, self.gpus_per_actor)
+
+
+@dataclass(frozen=True)
+class CaptionJobConfig:
+    """Config of jobs/caption.py: images (or a features table) -> captions in Parquet, plus BLEU reports and an
+    HTML contact sheet where references exist (see imgcap.caption_job)."""
+
+    bundle: str  # a model bundle: a directory every node sees, or a URI (s3://...) each actor fetches
+    sources: list[SourceConfig] = field(default_factory=list)  # images, exactly as extraction takes them
+    features: str = ""  # or: Parquet file/directory/URI written by extraction, or a .npz with ids and features
+    output_dir: str = "runs/captions"  # local path or URI (s3://...); a rerun skips images already captioned
+    references: str | None = None  # a caption file; when set, captions are scored against it
+    references_format: CaptionFormat = "auto"
+    split: str | None = None  # a split file: caption only the images it lists
+    decode: DecodeConfig | None = None  # default: the decoding recorded in the bundle
+    # features input: the caption actor pool (images input: [cnn] is the pool, CNN + decoder in each actor)
+    actors: int = 1  # caption actors (one bundle load each)
+    max_actors: int = 0  # > actors: the caption pool autoscales up to this many
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    batch_size: int = 256  # images per decoding batch
+    coco: bool = True  # also score with the coco-caption scorers when pycocoevalcap is installed
+    # images only:
+    cnn: CnnConfig = field(default_factory=CnnConfig)
+    extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp",
+                                                           ".tif", ".tiff"])
+    id_from: IdFrom = "stem"
+    max_pixels: int = 50_000_000
+    shard_size: int = 64  # images per read task
+    rows_per_file: int = 5000
+    thumbnail_size: int = 96  # px of the contact sheet's thumbnails, kept in the captions Parquet (0: none)
+    html_max_rows: int = 2000  # rows of the HTML contact sheet (best and worst halves beyond that)
+    s3: S3Config = field(default_factory=S3Config)
+
+    def __post_init__(self) -> None:
+        require(bool(self.bundle), "bundle is required: the model bundle directory to caption with")
+        require(bool(self.sources) != bool(self.features),
+                "give either sources (images: directories, list files, archives, s3:// URIs) or features "
+                "(a features table), not both" if self.sources else
+                "sources or features is required: the images to caption, or their features table")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check_pool(self.pool)
+        check_image_input(self.extensions, self.max_pixels, self.shard_size, self.rows_per_file)
+        require(self.thumbnail_size >= 0, f"thumbnail_size must be >= 0, got {self.thumbnail_size}")
+        require(self.html_max_rows >= 2, f"html_max_rows must be >= 2, got {self.html_max_rows}")
+
+    @property
+    def pool(self) -> ActorPoolConfig:
+        """The caption actor pool."""
+        return ActorPoolConfig(self.actors, self.max_actors, self.cpus_per_actor, self.gpus_per_actor)

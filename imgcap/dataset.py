@@ -16,7 +16,7 @@ import numpy as np
 
 from imgcap.captions import CaptionCorpus, deterministic_split, read_captions, read_split_file
 from imgcap.config import DataConfig, TextConfig
-from imgcap.features import FeatureTable, load_features
+from imgcap.feature_table import FeatureTable, load_features
 from imgcap.text import PAD_ID, TextMode, Vocabulary, normalize
 
 log = logging.getLogger(__name__)

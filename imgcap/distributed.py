@@ -4,8 +4,9 @@ The same job runs as one process on a laptop and as N workers (CPU or GPU) on a 
 config changes. Written for the Ray Train V2 API, the default in Ray 2.60 (``RAY_TRAIN_V2_ENABLED``):
 
 - **Driver** (`train_on_ray`): validates everything before a worker starts (files, vocabulary and feature
-  sizes, a resume checkpoint, workers vs the cluster's CPUs/GPUs, the batch split) and raises `ConfigError`
-  with the key to change; then runs a ``TensorflowTrainer`` and, when it has finished, writes the model bundle
+  sizes, the storage, an existing run or a resume checkpoint, workers vs the cluster's CPUs/GPUs, the batch
+  split) and raises `ConfigError` with the key to change (an autoscaling cluster is waited for, see below);
+  then runs a ``TensorflowTrainer`` and, when it has finished, writes the model bundle
   from the best epoch's weights, ``history.csv`` and ``dev_report.json`` exactly as the single-process
   `imgcap.train.train_captioner` does.
 - **Workers** (`train_loop_per_worker`): ``MultiWorkerMirroredStrategy`` (Ray sets ``TF_CONFIG``), the model and
@@ -39,17 +40,73 @@ so the bundle never depends on which checkpoints Ray kept), ``vocab.json`` and `
 (epoch, history, best epoch and score, the job config, feature size). Ray keeps the
 ``ray.checkpoints_to_keep`` best by dev BLEU-4 (max) or dev loss (min), and always the latest.
 
-Fault tolerance and resume:
+Fault tolerance, reruns and resume:
 
 - ``FailureConfig(max_failures=ray.max_failures)``: when a worker dies, Ray Train restarts the worker group and
   ``ray.train.get_checkpoint()`` hands the new workers the latest checkpoint; they continue with the next
   epoch (the interrupted epoch is redone from its start).
-- ``ray.resume_from`` (a checkpoint, run or output directory): a new run starts from the latest checkpoint found
-  there and continues the epoch count, the learning-rate schedule (``lr * lr_decay ** epoch``), the optimizer
-  state, the history and the best epoch. Raise ``train.epochs`` to train a finished run further. (Ray Train
-  V2 has no ``resume_from_checkpoint`` argument any more; the checkpoint path travels in the loop config.)
-- A run name that already exists in ``ray.storage_path`` is refused unless ``ray.resume_from`` is set: Ray
-  Train V2 would otherwise silently restore it.
+- **A rerun of the same job continues its run.** The default run name is stable, derived from the output:
+  ``train-<output_dir name>-<8 hex of a hash of the resolved output_dir>`` (`default_run_name`). Ray Train V2
+  restores a run with the same name and storage path: its controller's ``CheckpointManager`` loads
+  ``checkpoint_manager_snapshot.json`` from the run directory (``_maybe_load_state_from_storage`` in
+  ``ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py``) and hands its latest checkpoint to
+  the workers through ``ray.train.get_checkpoint()``; there is no flag and no refusal. So a job killed with
+  its cluster, or failed after ``ray.max_failures`` restarts, is continued by running it again. Before any
+  worker starts, the driver reads that snapshot itself and checks the run's latest checkpoint against the
+  config (model and text settings, ``train.weight_ema``, feature size): a changed config fails with the key
+  and "choose another output_dir or ray.run_name" instead of restoring weights that do not fit. The
+  snapshot records the Ray version, and Ray Train refuses a snapshot of another version
+  (``CheckpointManager._load_state``): that is reported the same way, before any worker starts. A run that
+  is already finished (``train.epochs`` reached, or stopped early by ``train.patience``) is not started
+  again: the bundle and reports are written from its latest checkpoint (``ray.train.Result.from_path``,
+  ``ray/train/v2/api/result.py``); raise ``train.epochs`` and the rerun trains on.
+- ``ray.resume_from`` (a checkpoint, run or output directory, or URI) starts a *new* run from the latest
+  checkpoint found there and continues the epoch count, the learning-rate schedule (``lr * lr_decay **
+  epoch``), the optimizer state, the history and the best epoch; it needs ``train.epochs`` above the
+  checkpoint's epoch. (Ray Train V2 has no ``resume_from_checkpoint`` argument any more; the checkpoint
+  location travels in the loop config.) Once the new run exists, a rerun continues the run itself and
+  ``ray.resume_from`` is ignored.
+
+Storage: ``ray.storage_path`` is a local directory (default ``<output_dir>/ray_results``; on a multi-node
+cluster a shared one) or any pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``; see
+``pyarrow.fs.FileSystem.from_uri``). ``ray.storage_endpoint_url`` names an S3-compatible endpoint (MinIO, Ceph,
+moto); pyarrow also honours ``AWS_ENDPOINT_URL``. The driver resolves the filesystem once, checks that the run
+directory is reachable and writable (a probe object written and deleted; for a local path nothing is created
+before the config is known to be valid), reads existing runs and checkpoints through it, and hands it to
+Ray Train as ``RunConfig(storage_filesystem=...)`` with the prefix-stripped path (what V2's
+``StorageContext`` expects, ``ray/train/v2/_internal/execution/storage.py``). Workers and the Ray Train
+controller get the filesystem pickled; credentials come from their own environment (AWS_* variables,
+instance role).
+
+Autoscaling clusters: the driver compares the workers' CPUs/GPUs with ``ray.cluster_resources()``. When they
+are short and the cluster cannot grow (a local ``ray.init()``, a fixed cluster) it refuses at once. When an
+autoscaler can still add nodes (`imgcap.runtime.cluster_can_grow`) it logs what is missing and waits, at most
+``ray.resource_timeout_s`` (0: refuse at once), by placing a placement group of the workers' bundles -- the
+same shape Ray Train asks for, and the demand the autoscaler scales up for -- and removes it when it is
+ready; on timeout a `ConfigError` names the keys. How "can grow" is told in Ray 2.60:
+
+- the cluster config the autoscaler publishes in the GCS (``ray._private.state.state.get_cluster_config()``;
+  node groups with min/max counts, ``ray/_private/state.py``). Ray Train V2 itself uses it
+  (``WorkerGroup._check_cluster_resources_and_raise_if_insufficient``) and so does Ray Data
+  (``ray/data/_internal/cluster_autoscaler/util.py``: ``is_autoscaling_enabled``); when it is there the
+  fully scaled-up maximum is checked too. The open-source autoscalers of Ray 2.60 do not publish it (the GCS
+  client has ``report_cluster_config``, but nothing in the Ray 2.60 wheel calls it), so:
+- the autoscaler's own status, what ``ray status`` shows: for autoscaler v2
+  (``ray.autoscaler.v2.utils.is_autoscaler_v2``) ``ray.autoscaler.v2.sdk.get_cluster_status``, for v1 the
+  JSON the monitor writes under ``__autoscaling_status`` in the GCS KV. Every Ray head runs that monitor; on
+  a cluster without an autoscaling config (``ray.init()``, ``ray start`` by hand) it runs a read-only node
+  provider whose node types are named ``node_<node id>`` (``format_readonly_node_type``,
+  ``ray/autoscaler/_private/monitor.py`` ``BASE_READONLY_CONFIG``). Node types with other names, or pending
+  launches, mean a real node provider (cluster launcher, KubeRay) that can add nodes.
+
+Ray Train V2's own scheduling does not fail before the autoscaler delivers (so the wait above only bounds
+it): the worker group waits ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (60 s) for its placement group, then
+raises ``WorkerGroupStartupTimeoutError`` (``ray/train/v2/_internal/execution/worker_group/worker_group.py``),
+which the default failure policy retries as a controller failure (``RETRYABLE_CONTROLLER_ERRORS`` in
+``.../failure_handling/default.py``), without limit by default (``FailureConfig.controller_failure_limit =
+-1``, set explicitly here) and without using up ``ray.max_failures``. Its only up-front check is against the
+GCS cluster config's maximum, which the driver checks first. The same holds for a worker-group restart after
+a node was lost: Ray Train waits for the autoscaler to replace it.
 
 Test hook: the environment variable ``IMGCAP_TEST_FAIL_ONCE="<epoch>:<marker file>"`` on the driver makes the
 last worker raise once in the middle of that (1-based) epoch, creating the marker file first so that the
@@ -58,20 +115,24 @@ restarted run goes through. It exists for the fault-tolerance test and does noth
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from imgcap.config import ConfigError, TrainJobConfig, config_from_dict, config_to_dict
-from imgcap.runtime import quiet_tensorflow
+from imgcap.runtime import cluster_can_grow, quiet_tensorflow
+from imgcap.sources import S3Options, output_filesystem
 from imgcap.text import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -81,30 +142,160 @@ STATE_FILE = "state.npz"
 BEST_WEIGHTS_FILE = "best_weights.npz"
 VOCAB_FILE = "vocab.json"
 FAIL_ONCE_ENV = "IMGCAP_TEST_FAIL_ONCE"
+# Ray Train V2's record of a run's checkpoints in the run directory (CHECKPOINT_MANAGER_SNAPSHOT_FILENAME in
+# ray/train/v2/_internal/constants.py); a run directory with it is restored by a run of the same name.
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+# --- storage: local paths and pyarrow filesystem URIs
+
+
+def _is_local(path: str | None) -> bool:
+    return bool(path) and "://" not in path
+
+
+def _resolve_filesystem(location: str, endpoint_url: str | None = None) -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) of a local path or a URI; `endpoint_url`: an S3-compatible store."""
+    return output_filesystem(location.split("?", 1)[0], S3Options(endpoint_url=endpoint_url))
+
+
+def _exists(filesystem: Any, path: str, kind: str = "any") -> bool:
+    import pyarrow.fs as pafs
+
+    found = filesystem.get_file_info(path).type
+    if kind == "file":
+        return found == pafs.FileType.File
+    if kind == "dir":
+        return found == pafs.FileType.Directory
+    return found != pafs.FileType.NotFound
+
+
+def _read_text(filesystem: Any, path: str) -> str:
+    with filesystem.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """Where the job's Ray Train run lives: its storage (a pyarrow filesystem and a path on it) and name."""
+
+    filesystem: Any  # pyarrow.fs.FileSystem
+    storage_path: str  # on `filesystem`: a local absolute path, or a URI without its scheme (bucket/prefix)
+    name: str
+    storage_uri: str  # as configured: a local path or a URI (for messages)
+
+    @property
+    def local(self) -> bool:
+        return _is_local(self.storage_uri)
+
+    @property
+    def path(self) -> str:
+        """The run directory on `filesystem`."""
+        return f"{self.storage_path}/{self.name}"
+
+    @property
+    def uri(self) -> str:
+        """The run directory as the user would write it."""
+        return self.display(self.path)
+
+    def display(self, fs_path: str) -> str:
+        """A path on `filesystem` as a local path or a URI (``s3://bucket/...``)."""
+        if self.local:
+            return fs_path
+        return f"{self.storage_uri.partition('://')[0]}://{fs_path}"
+
+
+def default_run_name(output_dir: str) -> str:
+    """The stable run name of a job: ``train-<output_dir name>-<8 hex of a hash of the resolved output_dir>``;
+    the same job run again gets the same name and so continues its run."""
+    target = Path(output_dir).resolve().as_posix() if _is_local(output_dir) else output_dir.rstrip("/")
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePosixPath(target.partition("://")[2] or target).name) or "output"
+    return f"train-{base}-{hashlib.sha256(target.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _run_location(config: TrainJobConfig) -> RunLocation:
+    """The job's storage and run name (``ray.storage_path``, ``ray.run_name``); a URI that pyarrow cannot
+    resolve is a `ConfigError` naming ``ray.storage_path``."""
+    storage = config.ray.storage_path or str(Path(config.output_dir).resolve() / "ray_results")
+    name = config.ray.run_name or default_run_name(config.output_dir)
+    try:
+        filesystem, path = _resolve_filesystem(storage, config.ray.storage_endpoint_url)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and unreachable stores
+        raise ConfigError(f"ray.storage_path: cannot open {storage}: {exc}; set ray.storage_path to a local "
+                          f"directory or a URI that pyarrow.fs.FileSystem.from_uri accepts (s3://bucket/prefix; "
+                          f"ray.storage_endpoint_url for an S3-compatible store)") from None
+    return RunLocation(filesystem, path, name, storage)
+
+
+def _check_storage(run: RunLocation) -> None:
+    """The run directory must be reachable and writable before any worker starts (Ray Train would only fail
+    in its controller). A URI: the run directory is created and a probe object written, read back and
+    deleted. A local path: nothing is created yet (the config may still be invalid); the storage directory,
+    or the nearest directory above it that exists, must be writable."""
+    probe = f"{run.path}/.imgcap_probe_{uuid.uuid4().hex}"
+    try:
+        if run.local:
+            existing = Path(run.storage_path)
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise OSError(f"{existing} is not a writable directory")
+        else:
+            run.filesystem.create_dir(run.path, recursive=True)
+            with run.filesystem.open_output_stream(probe) as f:
+                f.write(b"imgcap storage probe\n")
+            if not _exists(run.filesystem, probe, "file"):
+                raise OSError(f"the probe object {run.display(probe)} was written but cannot be found")
+            run.filesystem.delete_file(probe)
+    except Exception as exc:
+        raise ConfigError(f"ray.storage_path: cannot write the run {run.name} to {run.storage_uri}: {exc}; set "
+                          f"ray.storage_path to a reachable, writable directory or URI (an existing bucket; "
+                          f"ray.storage_endpoint_url for an S3-compatible store)") from None
 
 
 # --- checkpoints
 
 
-def find_latest_checkpoint(path: str | Path) -> Path | None:
-    """The imgcap checkpoint directory with the highest epoch at or below `path` (a checkpoint, a Ray run
-    directory, a storage directory or a job's output directory), or None."""
-    path = Path(path)
-    if (path / CHECKPOINT_META).is_file():
-        return path
+def _find_latest(filesystem: Any, root: str) -> str | None:
+    import pyarrow.fs as pafs
+
+    if _exists(filesystem, f"{root}/{CHECKPOINT_META}", "file"):
+        return root
     found = []
-    for meta in path.rglob(CHECKPOINT_META):
+    for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        if info.base_name != CHECKPOINT_META or info.type != pafs.FileType.File:
+            continue
+        directory = info.path.rsplit("/", 1)[0]
         try:
-            epoch = int(json.loads(meta.read_text(encoding="utf-8"))["epoch"])
+            epoch = int(json.loads(_read_text(filesystem, info.path))["epoch"])
         except (OSError, ValueError, KeyError):
             continue  # a checkpoint being written or deleted
-        if (meta.parent / STATE_FILE).is_file():
-            found.append((epoch, meta.stat().st_mtime, meta.parent))
+        if _exists(filesystem, f"{directory}/{STATE_FILE}", "file"):
+            found.append((epoch, info.mtime_ns or 0, directory))
     return max(found)[2] if found else None
 
 
-def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / CHECKPOINT_META).read_text(encoding="utf-8"))
+def find_latest_checkpoint(path: str | Path, filesystem: Any = None) -> str | None:
+    """The imgcap checkpoint directory with the highest epoch at or below `path` (a checkpoint, a Ray run
+    directory, a storage directory or a job's output directory), or None.
+
+    `path` is a local path, a pyarrow filesystem URI (``s3://bucket/prefix``: the answer is a URI too), or a
+    path on `filesystem` (the answer is a path on it).
+    """
+    path = str(path)
+    if filesystem is not None:
+        return _find_latest(filesystem, path.rstrip("/"))
+    filesystem, root = _resolve_filesystem(path)
+    found = _find_latest(filesystem, root)
+    if found is None or _is_local(path):
+        return found
+    return f"{path.partition('://')[0]}://{found}"
+
+
+def read_checkpoint_meta(directory: str | Path, filesystem: Any = None) -> dict[str, Any]:
+    if filesystem is None:
+        return json.loads((Path(directory) / CHECKPOINT_META).read_text(encoding="utf-8"))
+    return json.loads(_read_text(filesystem, f"{directory}/{CHECKPOINT_META}"))
 
 
 def _load_weights(path: Path) -> list[np.ndarray]:
@@ -171,7 +362,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     start_epoch, history, best_epoch, best_score = 0, [], 0, -math.inf
     best_weights = model.get_weights()
-    restored = ray.train.get_checkpoint()  # set after a worker-group restart (or a restored run)
+    restored = ray.train.get_checkpoint()  # after a worker-group restart, or in a rerun of an existing run
 
     def restore(directory: Path) -> None:
         nonlocal start_epoch, history, best_epoch, best_score, best_weights
@@ -186,8 +377,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             restore(Path(directory))
-    elif loop_config.get("resume_checkpoint"):
-        restore(Path(loop_config["resume_checkpoint"]))
+    elif loop_config.get("resume_checkpoint"):  # ray.resume_from: a new run from another run's checkpoint
+        source = ray.train.Checkpoint(loop_config["resume_checkpoint"],
+                                      filesystem=loop_config.get("resume_filesystem"))
+        with source.as_directory() as directory:  # a local checkpoint as it is; one in a bucket downloaded
+            restore(Path(directory))
     restarts_from = start_epoch
 
     select_by, patience = job.train.select_by, job.train.patience
@@ -233,12 +427,14 @@ class DistributedTrainResult:
     history: list  # list[EpochMetrics]
     best_epoch: int
     report: Any  # EvaluationReport
-    run_dir: str  # Ray Train's run directory (checkpoints, metrics)
+    run_dir: str  # Ray Train's run directory (checkpoints, metrics): a local path or a URI
     checkpoint: str  # the latest checkpoint
     best_checkpoints: list[str]
     num_workers: int
-    resumed_from: str | None = None
+    resumed_from: str | None = None  # ray.resume_from: the checkpoint this new run started from
     metrics: dict[str, Any] | None = None  # the last metrics reported to Ray Train
+    continued_from: str | None = None  # a rerun: the checkpoint of the existing run it continued from
+    trained: bool = True  # False: the run had already finished; the bundle was written from its result
 
     def format(self) -> str:
         lines = [f"bundle -> {self.bundle_dir}",
@@ -246,6 +442,10 @@ class DistributedTrainResult:
                  f"  latest checkpoint: {self.checkpoint}"]
         if self.resumed_from:
             lines.append(f"  resumed from: {self.resumed_from}")
+        if not self.trained:
+            lines.append("  the run had already finished: nothing trained, outputs written from its latest checkpoint")
+        elif self.continued_from:
+            lines.append(f"  continued the existing run from: {self.continued_from}")
         lines.append(f"  {len(self.history)} epoch(s), best epoch {self.best_epoch}")
         if self.history:
             best = next(h for h in self.history if h.epoch == self.best_epoch)
@@ -255,69 +455,204 @@ class DistributedTrainResult:
         return "\n".join(lines + ["  " + self.report.summary()])
 
 
-def _is_local(path: str | None) -> bool:
-    return bool(path) and "://" not in path
-
-
 def _require_file(key: str, path: str | None) -> None:
     if _is_local(path) and not Path(path).exists():
         raise ConfigError(f"{key}: {path} does not exist; set {key} to an existing file")
 
 
-def _check_cluster(config: TrainJobConfig) -> None:
-    import ray
+# --- the cluster: enough CPUs/GPUs now, or an autoscaler to deliver them
 
+
+def _worker_bundle(config: TrainJobConfig) -> dict[str, float]:
+    return {"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if config.ray.use_gpu else {})}
+
+
+def _cluster_shortfall(config: TrainJobConfig, resources: dict[str, float]) -> str | None:
+    """What the workers need that `resources` (CPU/GPU totals) lack, as a `ConfigError` message, or None."""
     ray_config = config.ray
-    resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     needed = ray_config.num_workers * ray_config.cpus_per_worker
     if needed > cpus:
         most = int(cpus // ray_config.cpus_per_worker)
-        raise ConfigError(f"ray.num_workers = {ray_config.num_workers} with ray.cpus_per_worker = "
-                          f"{ray_config.cpus_per_worker} needs {needed} CPUs but the Ray cluster has {cpus:g}; "
-                          f"set ray.num_workers <= {most} (or lower ray.cpus_per_worker, or add nodes)")
+        return (f"ray.num_workers = {ray_config.num_workers} with ray.cpus_per_worker = "
+                f"{ray_config.cpus_per_worker} needs {needed} CPUs but the Ray cluster has {cpus:g}; "
+                f"set ray.num_workers <= {most} (or lower ray.cpus_per_worker, or add nodes)")
     if ray_config.use_gpu and gpus < ray_config.num_workers:
-        raise ConfigError(f"ray.use_gpu = true needs one GPU per worker ({ray_config.num_workers}) but the Ray "
-                          f"cluster has {gpus:g}; set ray.use_gpu = false or ray.num_workers <= {int(gpus)}")
+        return (f"ray.use_gpu = true needs one GPU per worker ({ray_config.num_workers}) but the Ray "
+                f"cluster has {gpus:g}; set ray.use_gpu = false or ray.num_workers <= {int(gpus)}")
+    return None
 
 
-def _check_resume(config: TrainJobConfig, checkpoint: Path) -> tuple[dict[str, Any], Vocabulary]:
-    meta = read_checkpoint_meta(checkpoint)
-    vocab = Vocabulary.load(checkpoint / VOCAB_FILE)
+def _max_cluster_resources() -> dict[str, float] | None:
+    """The fully scaled-up cluster's resources from the GCS cluster config, or None (not published)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+
+
+def _check_cluster(config: TrainJobConfig, wait: bool = True) -> None:
+    """Enough CPUs/GPUs for ``ray.num_workers`` workers, or an autoscaler to add them.
+
+    A fixed cluster that lacks them is refused at once. On a cluster that can grow (`imgcap.runtime.cluster_can_grow`) a
+    warning says what is missing and, with `wait`, this waits up to ``ray.resource_timeout_s`` for the
+    autoscaler (0: refuse at once); `validate_job` first calls it with ``wait=False`` (refuse a fixed cluster
+    before reading the data) and waits last, once everything else is known to be valid.
+    """
+    import ray
+
+    missing = _cluster_shortfall(config, ray.cluster_resources())
+    if missing is None:
+        return
+    timeout = config.ray.resource_timeout_s
+    if not timeout or not cluster_can_grow():
+        raise ConfigError(missing)
+    most = _max_cluster_resources()
+    if most:
+        beyond = _cluster_shortfall(config, most)
+        if beyond is not None:
+            at_most = "even fully scaled up (the autoscaler's cluster config) the Ray cluster has at most"
+            raise ConfigError(beyond.replace("the Ray cluster has", at_most))
+    if wait:
+        _wait_for_cluster(config, missing)
+
+
+def _wait_for_cluster(config: TrainJobConfig, missing: str) -> None:
+    """Wait up to ``ray.resource_timeout_s`` until the workers' bundles can be placed.
+
+    A placement group of the same bundles Ray Train will ask for is the demand the autoscaler scales up for
+    (``ray.autoscaler.sdk.request_resources`` would replace every other job's request on the cluster); it is
+    removed as soon as it is ready (or at the timeout), and Ray Train then places its own.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    timeout = config.ray.resource_timeout_s
+    log.warning("%s -- an autoscaler can add nodes, so Ray Train will wait for the autoscaler: waiting up to "
+                "%g s (ray.resource_timeout_s) for %d worker(s) of %s", missing, timeout, config.ray.num_workers,
+                _worker_bundle(config))
+    started = time.monotonic()
+    group = placement_group([_worker_bundle(config)] * config.ray.num_workers, strategy="PACK",
+                            name=f"imgcap-wait-{uuid.uuid4().hex[:8]}")
+    try:
+        while (left := timeout - (time.monotonic() - started)) > 0:
+            if group.wait(math.ceil(min(left, 60.0))):  # whole seconds: the core worker truncates a float
+                log.info("the Ray cluster has the workers' resources after %.0f s: %s",
+                         time.monotonic() - started, ray.cluster_resources())
+                return
+            log.info("still waiting for the autoscaler (%.0f of %g s): the cluster has %s",
+                     time.monotonic() - started, timeout, ray.cluster_resources())
+    finally:
+        remove_placement_group(group)
+    now = _cluster_shortfall(config, ray.cluster_resources()) or missing
+    raise ConfigError(f"waited {timeout:g} s (ray.resource_timeout_s) for the autoscaler, in vain: {now}; or raise "
+                      f"ray.resource_timeout_s if the cluster is still scaling up")
+
+
+# --- an existing run, a resume checkpoint
+
+
+def _check_resume(config: TrainJobConfig, checkpoint: str | Path, filesystem: Any = None, *,
+                  label: str | None = None, fix: str = "or drop ray.resume_from") -> tuple[dict[str, Any], Vocabulary]:
+    """The checkpoint's meta and vocabulary, if its model, text settings and weight averaging fit `config`;
+    else a `ConfigError` naming the key (`label` describes the checkpoint, `fix` ends the message)."""
+    meta = read_checkpoint_meta(checkpoint, filesystem)
+    if filesystem is None:
+        vocab = Vocabulary.load(Path(checkpoint) / VOCAB_FILE)
+    else:
+        vocab = Vocabulary.from_json(_read_text(filesystem, f"{checkpoint}/{VOCAB_FILE}"))
+    label = label or f"the checkpoint {checkpoint}"
     saved = meta["job"]
     for table in ("model", "text"):
         ours = config_to_dict(getattr(config, table))
         for key, value in saved[table].items():
             if key != "glove_path" and ours.get(key) != value:
-                raise ConfigError(f"{table}.{key} is {ours.get(key)!r} but the checkpoint {checkpoint} was trained "
-                                  f"with {value!r}; set {table}.{key} = {value!r} to resume it, or drop ray.resume_from")
+                raise ConfigError(f"{table}.{key} is {ours.get(key)!r} but {label} was trained with {value!r}; "
+                                  f"set {table}.{key} = {value!r} to continue it, {fix}")
     if saved["train"].get("weight_ema", 0.0) != config.train.weight_ema:
-        raise ConfigError(f"train.weight_ema is {config.train.weight_ema!r} but the checkpoint {checkpoint} was "
-                          f"trained with {saved['train'].get('weight_ema', 0.0)!r} (its optimizer state holds the "
-                          f"average or not); set it back to resume, or drop ray.resume_from")
-    if meta["epoch"] >= config.train.epochs:
-        raise ConfigError(f"the checkpoint {checkpoint} is at epoch {meta['epoch']} and train.epochs is "
-                          f"{config.train.epochs}: nothing left to train; raise train.epochs to continue")
+        raise ConfigError(f"train.weight_ema is {config.train.weight_ema!r} but {label} was trained with "
+                          f"{saved['train'].get('weight_ema', 0.0)!r} (its optimizer state holds the average or "
+                          f"not); set it back to continue it, {fix}")
     return meta, vocab
 
 
-def _run_directory(config: TrainJobConfig) -> tuple[str, str]:
-    """(storage path, run name) of the job; refuses to reuse an existing run unless resuming."""
-    storage = config.ray.storage_path or str(Path(config.output_dir).resolve() / "ray_results")
-    name = config.ray.run_name or time.strftime("train-%Y%m%d-%H%M%S")
-    run_dir = Path(storage) / name
-    if _is_local(storage) and run_dir.exists() and any(run_dir.iterdir()) and not config.ray.resume_from:
-        raise ConfigError(f"a Ray Train run {name!r} already exists in {storage}; set ray.resume_from = "
-                          f"\"{run_dir}\" to continue it, or choose another ray.run_name")
-    return storage, name
+@dataclass
+class ExistingRun:
+    """A run of this job's name already in storage: Ray Train V2 will restore it (see the module docstring)."""
+
+    checkpoint: str  # its latest checkpoint, on the run's filesystem
+    meta: dict[str, Any]
+    vocab: Vocabulary
+    finished: bool = False  # nothing left to train (`_run_is_finished`): no worker is started
 
 
-def validate_job(config: TrainJobConfig):
-    """Every check that can fail before a worker starts; returns (training data, resume checkpoint or None).
+def _existing_run(config: TrainJobConfig, run: RunLocation) -> ExistingRun | None:
+    """The run Ray Train V2 will restore (its snapshot's latest checkpoint), checked against `config`."""
+    import ray
 
-    Raises `ConfigError` naming the key to change: missing files, an empty split, a resume checkpoint that
-    does not fit the config (model/text settings, feature size, epochs), a GloVe file of the wrong dimension,
-    a batch that does not split over the workers, more workers than the cluster's CPUs or GPUs.
+    fix = (f"or choose another output_dir or ray.run_name to start a new run (ray.resume_from = \"{run.uri}\" "
+           f"starts one from this run's latest checkpoint)")
+    snapshot_path = f"{run.path}/{RUN_SNAPSHOT}"
+    if not _exists(run.filesystem, snapshot_path, "file"):
+        if _exists(run.filesystem, run.path, "dir") and _find_latest(run.filesystem, run.path):
+            log.warning("the run directory %s holds checkpoints but no Ray Train snapshot (%s): Ray Train starts "
+                        "the run from scratch there", run.uri, RUN_SNAPSHOT)
+        return None
+    try:
+        snapshot = json.loads(_read_text(run.filesystem, snapshot_path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"the Ray Train run {run.name} in {run.storage_uri} cannot be continued: its {RUN_SNAPSHOT} "
+                          f"is unreadable ({exc}); {fix.removeprefix('or ')}") from None
+    if snapshot.get("ray_version") != ray.__version__:
+        raise ConfigError(f"the Ray Train run {run.name} in {run.storage_uri} was written by Ray "
+                          f"{snapshot.get('ray_version')} and Ray Train {ray.__version__} cannot restore it; "
+                          f"{fix.removeprefix('or ')}")
+    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not latest:
+        return None  # no checkpoint yet: Ray Train starts the run over
+    checkpoint = f"{run.path}/{latest}"
+    if not _exists(run.filesystem, f"{checkpoint}/{CHECKPOINT_META}", "file"):
+        raise ConfigError(f"the Ray Train run {run.name} in {run.storage_uri} lists its latest checkpoint {latest} "
+                          f"but it is not there; {fix.removeprefix('or ')}")
+    meta, vocab = _check_resume(config, checkpoint, run.filesystem,
+                                label=f"the existing run {run.name} in {run.storage_uri} (rerunning a job "
+                                      f"continues its run; checkpoint {run.display(checkpoint)})", fix=fix)
+    return ExistingRun(checkpoint, meta, vocab)
+
+
+def _run_is_finished(meta: dict[str, Any], config: TrainJobConfig) -> bool:
+    """Whether the worker loop would train no epoch from this checkpoint: ``train.epochs`` reached, or the
+    run stopped early (``train.patience`` epochs without a better dev score)."""
+    epoch, best = int(meta["epoch"]), int(meta["best_epoch"])
+    patience = config.train.patience
+    return epoch >= config.train.epochs or bool(patience and epoch - best >= patience)
+
+
+@dataclass
+class JobPlan:
+    """What `validate_job` found: the data, where the run goes and where it starts from."""
+
+    data: Any  # TrainingData
+    run: RunLocation
+    existing: ExistingRun | None = None  # a rerun: the run Ray Train restores
+    resume: str | None = None  # ray.resume_from's checkpoint (a new run), on `resume_filesystem`
+    resume_filesystem: Any = None  # None: a local path
+
+    @property
+    def finished(self) -> bool:
+        return self.existing is not None and self.existing.finished
+
+
+def validate_job(config: TrainJobConfig) -> JobPlan:
+    """Every check that can fail before a worker starts; returns the data, the run and where it starts.
+
+    Raises `ConfigError` naming the key to change: missing files, an empty split, an unreachable or read-only
+    ``ray.storage_path``, an existing run (same name) or a resume checkpoint that does not fit the config
+    (model/text settings, feature size, epochs), a GloVe file of the wrong dimension, a batch that does not
+    split over the workers, more workers than the cluster's CPUs or GPUs (on an autoscaling cluster: after
+    waiting ``ray.resource_timeout_s`` for them).
     """
     from imgcap.dataset import prepare_training_data
     from imgcap.train import build_model, check_sampled_softmax
@@ -329,26 +664,35 @@ def validate_job(config: TrainJobConfig):
     if config.train.batch_size % config.ray.num_workers:
         raise ConfigError(f"train.batch_size = {config.train.batch_size} (the global batch) must be divisible by "
                           f"ray.num_workers = {config.ray.num_workers}; change one of them")
-    _check_cluster(config)
+    run = _run_location(config)
+    _check_storage(run)
+    existing = _existing_run(config, run)
+    finished = existing is not None and _run_is_finished(existing.meta, config)
+    if existing is not None:
+        existing.finished = finished
+    if not finished:
+        _check_cluster(config, wait=False)  # a fixed cluster without the resources: refused now
 
-    resume, meta, vocab = None, None, None
-    if config.ray.resume_from:
-        if not Path(config.ray.resume_from).exists():
-            raise ConfigError(f"ray.resume_from: {config.ray.resume_from} does not exist; point it at a checkpoint, "
-                              f"run or output directory of an earlier run")
-        resume = find_latest_checkpoint(config.ray.resume_from)
-        if resume is None:
-            raise ConfigError(f"ray.resume_from: no imgcap checkpoint ({CHECKPOINT_META}) under "
-                              f"{config.ray.resume_from}; point it at a checkpoint, run or output directory")
-        meta, vocab = _check_resume(config, resume)
+    resume, resume_fs, meta, vocab = None, None, None, None
+    if existing is not None:
+        meta, vocab = existing.meta, existing.vocab
+        if config.ray.resume_from:
+            log.info("the run %s exists: it continues from its own latest checkpoint %s and ray.resume_from (%s) "
+                     "is not used", run.name, run.display(existing.checkpoint), config.ray.resume_from)
+    elif config.ray.resume_from:
+        resume, resume_fs, meta, vocab = _resume_checkpoint(config)
     try:
         data = prepare_training_data(config.data, config.text, vocab)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
     if meta is not None and meta["feature_dim"] != data.features.dim:
-        raise ConfigError(f"data.features has {data.features.dim}-d features but the checkpoint {resume} was "
-                          f"trained on {meta['feature_dim']}-d ones; use the features of the same backbone "
-                          f"(data.features) or drop ray.resume_from")
+        source = (f"the existing run {run.name} in {run.storage_uri}" if existing is not None
+                  else f"the checkpoint {resume}")
+        fix = ("or choose another output_dir or ray.run_name to start a new run" if existing is not None
+               else "or drop ray.resume_from")
+        raise ConfigError(f"data.features has {data.features.dim}-d features but {source} was trained on "
+                          f"{meta['feature_dim']}-d ones; use the features of the same backbone (data.features) "
+                          f"{fix}")
     if len(data.train) < config.train.batch_size:
         raise ConfigError(f"train.batch_size = {config.train.batch_size} is larger than the {len(data.train)} "
                           f"training captions; lower train.batch_size")
@@ -360,7 +704,35 @@ def validate_job(config: TrainJobConfig):
         build_model(config.model, data.vocab, data.features.dim, config.train.seed)  # e.g. GloVe dimension
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from None
-    return data, resume
+    if not finished:
+        _check_cluster(config)  # last: on an autoscaling cluster this may wait ray.resource_timeout_s
+    return JobPlan(data, run, existing, resume, resume_fs)
+
+
+def _resume_checkpoint(config: TrainJobConfig) -> tuple[str, Any, dict[str, Any], Vocabulary]:
+    """``ray.resume_from``'s latest checkpoint (a path on its filesystem; the filesystem, None when local),
+    its meta and vocabulary, checked against the config."""
+    location = config.ray.resume_from
+    try:
+        filesystem, root = _resolve_filesystem(location, config.ray.storage_endpoint_url)
+        present = _exists(filesystem, root)
+    except Exception as exc:
+        raise ConfigError(f"ray.resume_from: cannot open {location}: {exc}; point it at a checkpoint, run or output "
+                          f"directory of an earlier run") from None
+    if not present:
+        raise ConfigError(f"ray.resume_from: {location} does not exist; point it at a checkpoint, "
+                          f"run or output directory of an earlier run")
+    checkpoint = _find_latest(filesystem, root)
+    if checkpoint is None:
+        raise ConfigError(f"ray.resume_from: no imgcap checkpoint ({CHECKPOINT_META}) under "
+                          f"{location}; point it at a checkpoint, run or output directory")
+    local = _is_local(location)
+    shown = checkpoint if local else f"{location.partition('://')[0]}://{checkpoint}"
+    meta, vocab = _check_resume(config, checkpoint, filesystem, label=f"the checkpoint {shown}")
+    if meta["epoch"] >= config.train.epochs:
+        raise ConfigError(f"the checkpoint {shown} is at epoch {meta['epoch']} and train.epochs is "
+                          f"{config.train.epochs}: nothing left to train; raise train.epochs to continue")
+    return checkpoint, (None if local else filesystem), meta, vocab
 
 
 def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
@@ -368,10 +740,12 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
 
     Writes into ``config.output_dir``: ``bundle/`` (best epoch; what `jobs/caption.py` loads),
     ``history.csv`` and ``dev_report.json``, like `imgcap.train.train_captioner`; Ray Train's run directory
-    (checkpoints, per-report metrics) is under ``ray.storage_path`` (default ``<output_dir>/ray_results``).
+    (checkpoints, per-report metrics) is ``<ray.storage_path>/<run name>`` (default
+    ``<output_dir>/ray_results/train-<output_dir name>-<hash>``). Run again, the job continues that run, or
+    only rewrites the outputs when the run has finished (see the module docstring).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     from imgcap.train import EpochMetrics, build_model, write_training_outputs
@@ -380,37 +754,53 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
         from imgcap.runtime import init_ray
 
         init_ray()
-    storage, name = _run_directory(config)
-    data, resume = validate_job(config)
-    log.info("Ray Train: %d worker(s) x batch %d (global batch %d); vocabulary %d words; %d train / %d dev "
-             "images; run %s in %s%s", config.ray.num_workers, config.train.batch_size // config.ray.num_workers,
-             config.train.batch_size, len(data.vocab), len(data.train_ids), len(data.dev_ids), name, storage,
-             f"; resuming {resume}" if resume else "")
-    select_by = config.train.select_by
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config={"job": config_to_dict(config), "vocab": data.vocab.to_json(),
-                           "resume_checkpoint": str(resume) if resume else None,
-                           "fail_once": os.environ.get(FAIL_ONCE_ENV)},
-        scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
-                                     resources_per_worker={"CPU": config.ray.cpus_per_worker,
-                                                           **({"GPU": 1} if config.ray.use_gpu else {})}),
-        run_config=RunConfig(
-            name=name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.ray.checkpoints_to_keep,
-                checkpoint_score_attribute="dev_bleu4" if select_by == "bleu" else "dev_loss",
-                checkpoint_score_order="max" if select_by == "bleu" else "min"),
-            failure_config=FailureConfig(max_failures=config.ray.max_failures)),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # ray.train.TrainingFailedError and friends
-        raise RuntimeError(f"the Ray Train run {name} failed (ray.max_failures = {config.ray.max_failures}): {exc}\n"
-                           f"Its checkpoints are in {Path(storage) / name}; to continue from the latest, rerun "
-                           f"with --set ray.resume_from='\"{Path(storage) / name}\"'") from exc
+    plan = validate_job(config)
+    data, run, existing = plan.data, plan.run, plan.existing
+    resume_shown = None
+    if plan.resume:
+        resume_shown = plan.resume if plan.resume_filesystem is None else \
+            f"{config.ray.resume_from.partition('://')[0]}://{plan.resume}"
+    if plan.finished:
+        log.info("the Ray Train run %s is already finished (epoch %d, train.epochs = %d, best epoch %d): no training; "
+                 "the outputs are written from its latest checkpoint %s", run.uri, existing.meta["epoch"],
+                 config.train.epochs, existing.meta["best_epoch"], run.display(existing.checkpoint))
+        result = Result.from_path(run.path, storage_filesystem=run.filesystem)
+    else:
+        log.info("Ray Train: %d worker(s) x batch %d (global batch %d); vocabulary %d words; %d train / %d dev "
+                 "images; run %s%s", config.ray.num_workers, config.train.batch_size // config.ray.num_workers,
+                 config.train.batch_size, len(data.vocab), len(data.train_ids), len(data.dev_ids), run.uri,
+                 f"; continuing it from {run.display(existing.checkpoint)}" if existing
+                 else f"; resuming {resume_shown}" if resume_shown else "")
+        select_by = config.train.select_by
+        trainer = TensorflowTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": config_to_dict(config), "vocab": data.vocab.to_json(),
+                               "resume_checkpoint": plan.resume, "resume_filesystem": plan.resume_filesystem,
+                               "fail_once": os.environ.get(FAIL_ONCE_ENV)},
+            scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
+                                         resources_per_worker=_worker_bundle(config)),
+            run_config=RunConfig(
+                name=run.name,
+                # A URI goes to Ray Train as its filesystem and the prefix-stripped path (V2's StorageContext).
+                storage_path=run.storage_path if not run.local else run.storage_uri,
+                storage_filesystem=None if run.local else run.filesystem,
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=config.ray.checkpoints_to_keep,
+                    checkpoint_score_attribute="dev_bleu4" if select_by == "bleu" else "dev_loss",
+                    checkpoint_score_order="max" if select_by == "bleu" else "min"),
+                # controller_failure_limit=-1 (V2's default, explicit here): a worker group whose placement
+                # group is not ready in RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S is retried without limit, so
+                # scheduling never fails while an autoscaler is still adding nodes (see the module docstring).
+                failure_config=FailureConfig(max_failures=config.ray.max_failures, controller_failure_limit=-1)),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # ray.train.TrainingFailedError and friends
+            raise RuntimeError(f"the Ray Train run {run.name} failed (ray.max_failures = {config.ray.max_failures}): "
+                               f"{exc}\nIts checkpoints are in {run.uri}; rerun the same job (same output_dir and "
+                               f"ray.run_name) to continue from the latest one") from exc
     if result.checkpoint is None:
-        raise RuntimeError(f"the Ray Train run {name} finished without a checkpoint")
+        raise RuntimeError(f"the Ray Train run {run.uri} finished without a checkpoint")
 
     with result.checkpoint.as_directory() as directory:
         meta = read_checkpoint_meta(directory)
@@ -418,10 +808,13 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     history = [EpochMetrics(**h) for h in meta["history"]]
     model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
     model.set_weights(best_weights)
+    run_dir = result.path if run.local else run.display(result.path)
+    continued = run.display(existing.checkpoint) if existing is not None else None
     provenance = {"train_job": config_to_dict(config), "best_epoch": meta["best_epoch"],
-                  "history": meta["history"], "ray_run": result.path, "resumed_from": str(resume) if resume else None}
+                  "history": meta["history"], "ray_run": run_dir, "resumed_from": resume_shown,
+                  "continued_from": continued}
     bundle_dir, report = write_training_outputs(config, model, data, history, provenance)
-    best = [c.path for c, _ in (result.best_checkpoints or [])]
-    return DistributedTrainResult(bundle_dir, history, int(meta["best_epoch"]), report, result.path,
-                                  result.checkpoint.path, best, config.ray.num_workers,
-                                  str(resume) if resume else None, dict(result.metrics or {}))
+    best = [run.display(c.path) for c, _ in (result.best_checkpoints or [])]
+    return DistributedTrainResult(bundle_dir, history, int(meta["best_epoch"]), report, run_dir,
+                                  run.display(result.checkpoint.path), best, config.ray.num_workers,
+                                  resume_shown, dict(result.metrics or {}), continued, not plan.finished)

@@ -4,9 +4,9 @@ One config (see configs/demo.toml) drives the four stages, each the same code it
 
 1. data: with ``demo_images > 0``, the embedded demo dataset is drawn into ``work_dir/data`` (no download);
    otherwise ``images``, ``captions`` and the split files name real data;
-2. features: `imgcap.features.extract_features` (Ray Data, CNN actor pool) -> ``work_dir/features``;
+2. features: `imgcap.extract_job.extract_features` (Ray Data, CNN actor pool) -> ``work_dir/features``;
 3. training: Ray Train trains the decoder data-parallel on the train split -> ``work_dir/train/bundle``;
-4. captions: `imgcap.inference.run_caption_job` (Ray Data, bundle actors) captions the dev split ->
+4. captions: `imgcap.caption_job.run_caption_job` (Ray Data, bundle actors) captions the dev split ->
    ``work_dir/captions`` with the BLEU report.
 
 Paths that connect the stages are filled in by the pipeline; every stage config is validated when the
@@ -31,8 +31,10 @@ from imgcap.config import (
     require,
 )
 from imgcap.distributed import DistributedTrainResult, train_on_ray
-from imgcap.features import ExtractionSummary, extract_features
-from imgcap.inference import CaptionJobResult, run_caption_job
+from imgcap.extract_job import ExtractionSummary, extract_features
+from imgcap.caption_job import CAPTIONS_DIR, CaptionJobResult, run_caption_job
+from imgcap.sinks import OutputDirectory
+from imgcap.sources import S3Options
 from imgcap.synthetic import demo_dataset_paths, make_shapes_dataset
 
 
@@ -120,9 +122,7 @@ def run_pipeline(config: PipelineConfig) -> PipelineResult:
         make_shapes_dataset(config.work_dir / "data", config.demo_images, seed=config.demo_seed)
     extraction = extract_features(config.extract)
     training = train_on_ray(config.train)
-    captions_dir = Path(config.caption.output_dir) / "captions"
-    if captions_dir.exists():  # captions belong to the bundle just trained: replace those of an earlier run
-        for old in captions_dir.glob("*.parquet"):
-            old.unlink()
+    # Captions belong to the bundle just trained: those of an earlier run are replaced, not resumed.
+    OutputDirectory(f"{config.caption.output_dir}/{CAPTIONS_DIR}", S3Options()).clear()
     captions = run_caption_job(config.caption)
     return PipelineResult(extraction, training, captions, time.perf_counter() - started)

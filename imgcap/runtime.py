@@ -13,8 +13,15 @@ cluster node, or on a laptop, where it starts a local Ray.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from imgcap.config import ActorPoolConfig
+
+log = logging.getLogger(__name__)
 
 # Environment variables TensorFlow reads at import time, and what keeps them quiet on a CPU machine:
 # 2 hides INFO and WARNING lines of TensorFlow's C++ side (CUDA probing, oneDNN notices, cpu feature guards).
@@ -45,3 +52,80 @@ def init_ray() -> None:
         return
     quiet_tensorflow()
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def actor_pool_args(pool: "ActorPoolConfig") -> dict[str, Any]:
+    """`map_batches` arguments of a Ray Data actor pool (CNN or caption actors): autoscaling between
+    `actors` and `max_actors`, and the CPUs and GPUs each actor asks for.
+
+    GPUs are requested whenever `gpus_per_actor` > 0, even if the cluster has none yet: an autoscaling cluster
+    whose GPU workers start at zero adds a GPU node only when something asks for a GPU.
+    """
+    import ray.data
+
+    compute = ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=max(pool.actors, pool.max_actors))
+    args: dict[str, Any] = {"compute": compute, "num_cpus": pool.cpus_per_actor}
+    if pool.gpus_per_actor > 0:
+        args["num_gpus"] = pool.gpus_per_actor
+    return args
+
+
+def _autoscaler_node_types() -> tuple[dict[str, str], bool]:
+    """({node id or IP: node type} of the autoscaler's status, pending launches?), as ``ray status`` reads it:
+    autoscaler v2's cluster status, or the JSON the v1 monitor keeps in the GCS KV."""
+    import ray
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        nodes = status.active_nodes + status.idle_nodes + status.pending_nodes
+        types = {n.node_id or n.instance_id: n.ray_node_type_name for n in nodes if n.ray_node_type_name}
+        return types, bool(status.pending_launches or status.pending_nodes)
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+    return dict(report.get("node_type_mapping") or {}), bool(report.get("pending_launches")
+                                                             or report.get("pending_nodes"))
+
+
+def cluster_can_grow() -> bool:
+    """Whether an autoscaler can still add nodes to the Ray cluster (Ray must be initialised).
+
+    The GCS cluster config when an autoscaler published one (a node group whose count can rise); else the
+    autoscaler's status: node types that are not the read-only provider's ``node_<node id>`` (which every
+    cluster without an autoscaling config runs), or pending launches. Unknown (no status yet): False.
+    """
+    try:
+        from ray._private.state import state
+        from ray.autoscaler._private.util import format_readonly_node_type
+
+        config = state.get_cluster_config()
+        if config is not None and config.node_group_configs:
+            return any(group.max_count == -1 or group.max_count > group.min_count
+                       for group in config.node_group_configs if group.resources and group.max_count != 0)
+        types, pending = _autoscaler_node_types()
+    except Exception as exc:  # an autoscaler API that moved: treat the cluster as fixed (refuse, as before)
+        log.warning("could not tell whether an autoscaler runs (%s); treating the Ray cluster as fixed", exc)
+        return False
+    return pending or any(name != format_readonly_node_type(node) for node, name in types.items())
+
+
+def check_gpus_schedulable(pool: "ActorPoolConfig", key: str) -> None:
+    """Refuse GPU actors that could never start: `gpus_per_actor` > 0 on a Ray cluster that has too few GPUs
+    and no autoscaler to add any (Ray Data would wait for them forever). An autoscaling cluster is left to
+    grow (that request is what makes it add GPU nodes); `key` names the config key in the message."""
+    import ray
+
+    from imgcap.config import ConfigError
+
+    if pool.gpus_per_actor <= 0 or ray.cluster_resources().get("GPU", 0.0) >= pool.gpus_per_actor:
+        return
+    if cluster_can_grow():
+        log.info("%s = %g: waiting for the autoscaler to add GPU nodes", key, pool.gpus_per_actor)
+        return
+    raise ConfigError(f"{key} = {pool.gpus_per_actor:g} but this Ray cluster has no GPU for it and no autoscaler "
+                      f"to add one: set {key} = 0 to run on CPU, or run on a cluster with GPU nodes")

@@ -1,22 +1,39 @@
-"""Outputs of the captioning job: caption rows and BLEU reports, as Parquet (plus a JSON summary).
+"""Sinks: where jobs write, on a local path or any pyarrow filesystem URI (``s3://`` included).
 
-``captions/`` holds one row per input image (CAPTION_SCHEMA): the image id and source URI it came from, the
-caption (null with an `error` when the image had no feature), its log-probability, the decoding and the
-bundle that made it. Where references exist, ``report.parquet`` adds each image's references and
-sentence BLEU-4, and ``scores.parquet`` / ``scores.json`` hold the corpus scores with the split, text mode,
-decoding and scorer that qualify them.
+`OutputDirectory` is the one resumable Parquet directory both Ray Data jobs write (extraction's features,
+the captioning job's captions): it scans what earlier runs wrote (image ids done, half-written files set
+aside in ``_incomplete/``), refuses to mix rows made another way, writes a run's rows under a run-unique file
+prefix, and counts what that run wrote. Every output row keeps its `image_id` and `source` URI.
+
+The captioning job's outputs, in its ``output_dir``:
+
+- ``captions/``: one row per input image (CAPTION_SCHEMA): the image id and source URI it came from, the
+  caption (null with an `error` when the image could not be read or embedded), its log-probability, the
+  decoding and the bundle that made it, and a small JPEG thumbnail (images input only);
+- with references: ``report.parquet`` (each image's references and sentence BLEU-4), ``scores.parquet`` /
+  ``scores.json`` (corpus scores with the split, text mode, decoding and scorer that qualify them);
+- ``report.html``: a static contact sheet (thumbnails, captions, references and BLEU when given).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from imgcap.evaluate import EvaluationReport, nltk_sentence_bleu
+from imgcap.sources import S3Options, output_filesystem
+
+INCOMPLETE_DIR = "_incomplete"  # where unreadable Parquet files of an interrupted run are moved
+_FAILURE_EXAMPLES = 5
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -24,37 +41,153 @@ CAPTION_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("caption", pa.string()),
         ("score", pa.float32()),  # total log-probability of the caption under the model
-        ("error", pa.string()),  # why there is no caption (e.g. the image could not be decoded)
+        ("error", pa.string()),  # why there is no caption (e.g. the image could not be read)
         ("decoding", pa.string()),
         ("bundle", pa.string()),
+        ("thumbnail", pa.binary()),  # a small JPEG for the contact sheet (null for features input)
     ]
 )
 
 
-def read_captions_output(directory: str | Path) -> pa.Table:
-    """All caption rows written to `directory` by the captioning job."""
-    return pq.read_table(Path(directory), schema=CAPTION_SCHEMA)
+@dataclass(frozen=True)
+class WrittenRows:
+    """What one run wrote: rows with and without an error, and the first few errors."""
+
+    files: int
+    ok: int
+    failed: int
+    failures: tuple[tuple[str, str], ...] = ()  # the first few (image_id, error)
+
+
+class OutputDirectory:
+    """A directory (local path or URI) of Parquet files that a job appends to and resumes from, and of the
+    sidecar files written next to them (``_embedding.json``, reports)."""
+
+    def __init__(self, uri: str, s3: S3Options) -> None:
+        self.uri = uri
+        self.filesystem, self.path = output_filesystem(uri, s3)
+
+    def files(self) -> list[str]:
+        selector = pafs.FileSelector(self.path, allow_not_found=True)
+        infos = self.filesystem.get_file_info(selector)
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                      and not i.base_name.startswith(("_", ".")))
+
+    def scan(self, expect: dict[str, str] | None = None) -> tuple[set[str], int]:
+        """Image ids already written, and how many unreadable files of an interrupted run were set aside.
+
+        A Parquet file is only readable once its footer is written, so a file a killed run left half-written
+        fails to open: it is moved to ``_incomplete/`` (ignored by readers) and its images count as not done.
+        `expect` ({column: value}) refuses a directory holding rows made another way (another backbone,
+        bundle or decoding) rather than mixing them.
+        """
+        done: set[str] = set()
+        moved = 0
+        columns = ["image_id", *(expect or {})]
+        for path in self.files():
+            try:
+                table = pq.read_table(path, columns=columns, filesystem=self.filesystem)
+            except (OSError, pa.ArrowException):
+                self.filesystem.create_dir(f"{self.path}/{INCOMPLETE_DIR}")
+                self.filesystem.move(path, f"{self.path}/{INCOMPLETE_DIR}/{path.rsplit('/', 1)[-1]}")
+                moved += 1
+                continue
+            for column, value in (expect or {}).items():
+                others = set(pc.unique(table[column]).to_pylist()) - {value, None}
+                if others:
+                    raise FileExistsError(f"{self.uri} holds rows with {column} {sorted(others)}, not {value!r}: "
+                                     f"use another output directory")
+            done.update(table["image_id"].to_pylist())
+        return done, moved
+
+    def write(self, dataset: Any, schema: pa.Schema, rows_per_file: int) -> WrittenRows:
+        """Write a Ray Dataset's rows as files of at most `rows_per_file` rows under a run-unique prefix (so a
+        rerun never overwrites a file), then count what was written, from the files themselves."""
+        from ray.data.datasource import FilenameProvider
+
+        run_id = f"run{time.strftime('%Y%m%d%H%M%S')}{uuid.uuid4().hex[:8]}"
+        self.filesystem.create_dir(self.path)
+        dataset.write_parquet(self.path, filesystem=self.filesystem,
+                              filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
+                              min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file, schema=schema)
+        written = [p for p in self.files() if p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
+        ok = failed = 0
+        failures: list[tuple[str, str]] = []
+        for path in written:
+            table = pq.read_table(path, columns=["image_id", "error"], filesystem=self.filesystem)
+            bad = table.filter(pc.is_valid(table["error"]))
+            failed += bad.num_rows
+            ok += table.num_rows - bad.num_rows
+            examples = bad.slice(0, max(0, _FAILURE_EXAMPLES - len(failures)))
+            failures += list(zip(examples["image_id"].to_pylist(), examples["error"].to_pylist()))
+        return WrittenRows(len(written), ok, failed, tuple(failures))
+
+    def read(self, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+        """Every row written so far (all runs), or an empty table of `schema`."""
+        files = self.files()
+        if not files:
+            return (schema or pa.schema([])).empty_table()
+        tables = [pq.read_table(f, columns=columns, filesystem=self.filesystem) for f in files]
+        return pa.concat_tables([t.cast(schema) if schema is not None and columns is None else t for t in tables])
+
+    def write_file(self, name: str, data: bytes) -> str:
+        """Write one whole file next to the Parquet files (a sidecar); returns its path in the filesystem."""
+        self.filesystem.create_dir(self.path)
+        path = f"{self.path}/{name}"
+        with self.filesystem.open_output_stream(path) as out:
+            out.write(data)
+        return path
+
+    def read_file(self, name: str) -> bytes | None:
+        """A sidecar file's bytes, or None when it does not exist."""
+        path = f"{self.path}/{name}"
+        if self.filesystem.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    def clear(self) -> None:
+        """Delete every file (the directory stays): for outputs that belong to a model just replaced."""
+        if self.filesystem.get_file_info(self.path).type == pafs.FileType.Directory:
+            self.filesystem.delete_dir_contents(self.path)
 
 
 def write_report(captions: pa.Table, references: dict[str, list[list[str]]], report: EvaluationReport,
-                 output_dir: str | Path) -> None:
-    """Write the per-image BLEU report and the corpus scores next to the captions."""
-    output_dir = Path(output_dir)
-    scored = captions.filter(pc.invert(pc.is_null(captions["caption"])))
-    scored = scored.filter(pc.is_in(scored["image_id"], pa.array(list(references), pa.string())))
-    ids = scored["image_id"].to_pylist()
-    hyps = [c.split() for c in scored["caption"].to_pylist()]
-    per_image = pa.table({
-        "image_id": ids,
-        "source": scored["source"],
-        "caption": scored["caption"],
-        "references": [[" ".join(r) for r in references[i]] for i in ids],
-        "bleu4": pa.array([nltk_sentence_bleu(references[i], h) for i, h in zip(ids, hyps)], pa.float32()),
-    })
-    pq.write_table(per_image, output_dir / "report.parquet")
+                 output: OutputDirectory) -> None:
+    """Write the per-image BLEU report and the corpus scores into `output`'s directory."""
+    per_image = reference_rows(captions, references)
+    report_path = f"{output.path}/report.parquet"
+    pq.write_table(per_image, report_path, filesystem=output.filesystem)
     rows = [{"scorer": "nltk", "metric": f"bleu{n + 1}", "value": v} for n, v in enumerate(report.nltk_bleu)]
     rows += [{"scorer": "coco", "metric": k, "value": v} for k, v in report.coco.items()]
     context = {"split": report.split, "text_mode": report.text_mode, "decoding": report.decoding,
                "num_images": report.num_images}
-    pq.write_table(pa.Table.from_pylist([{**r, **context} for r in rows]), output_dir / "scores.parquet")
-    (output_dir / "scores.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")
+    pq.write_table(pa.Table.from_pylist([{**r, **context} for r in rows]), f"{output.path}/scores.parquet",
+                   filesystem=output.filesystem)
+    output.write_file("scores.json", json.dumps(report.as_dict(), indent=2).encode("utf-8"))
+
+
+def reference_rows(captions: pa.Table, references: dict[str, list[list[str]]]) -> pa.Table:
+    """The captioned images that have references: image_id, source, caption, references, sentence BLEU-4."""
+    scored = captions.filter(pc.invert(pc.is_null(captions["caption"])))
+    scored = scored.filter(pc.is_in(scored["image_id"], pa.array(list(references), pa.string())))
+    ids = scored["image_id"].to_pylist()
+    hyps = [c.split() for c in scored["caption"].to_pylist()]
+    return pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "source": scored["source"],
+        "caption": scored["caption"],
+        "references": pa.array([[" ".join(r) for r in references[i]] for i in ids], pa.list_(pa.string())),
+        "bleu4": pa.array([nltk_sentence_bleu(references[i], h) for i, h in zip(ids, hyps)], pa.float32()),
+    })
+
+
+def thumbnails_of(captions_dir: OutputDirectory, image_ids: Iterable[str]) -> dict[str, bytes]:
+    """The thumbnails of `image_ids` only (the column is the bulk of a captions file, so it is read filtered)."""
+    wanted = pa.array(sorted(set(image_ids)), pa.string())
+    found: dict[str, bytes] = {}
+    for path in captions_dir.files():
+        table = pq.read_table(path, columns=["image_id", "thumbnail"], filesystem=captions_dir.filesystem)
+        table = table.filter(pc.and_(pc.is_in(table["image_id"], value_set=wanted), pc.is_valid(table["thumbnail"])))
+        found.update(zip(table["image_id"].to_pylist(), table["thumbnail"].to_pylist()))
+    return found

@@ -21,9 +21,14 @@ What a source path means (decided by `list_images`, in this order):
 
 Hidden names (starting with `.`, e.g. macOS `._x.jpg` resource forks) and `__MACOSX/` members are skipped.
 
-Image ids are the file name without its extension (`1000268201_693b08cb0e.jpg` -> `1000268201_693b08cb0e`,
-the Flickr convention) or, with `id_from = "relpath"`, the path relative to the source root without the
-extension. Two images with the same id are a `SourceError` naming both, never a silent drop.
+Image ids (`id_from`) are the file name without its extension (`"stem"`: `1000268201_693b08cb0e.jpg` ->
+`1000268201_693b08cb0e`, the Flickr convention, which caption files use), the path relative to the source root
+*with* its extension (`"relpath"`: `photos/a.jpg` and `photos/a.png` stay two images; unique within a source),
+or the whole source URI (`"uri"`: unique across sources, archives included). Two images with the same id are
+a `SourceError` naming both, never a silent drop.
+
+Outputs go through `output_filesystem`: a local path or any URI pyarrow knows (`s3://`, `gs://`, ...), with
+the S3 options below applied to `s3://`.
 
 S3 access uses boto3 the usual way: credentials from the environment / shared config / instance role,
 `AWS_PROFILE` or the `profile` option, `AWS_ENDPOINT_URL` or the `endpoint_url` option for S3-compatible
@@ -35,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import posixpath
 import tarfile
@@ -66,6 +70,41 @@ class S3Options:
     region: str | None = None
     profile: str | None = None
     anonymous: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> "S3Options":
+        """From a job's `[s3]` table (imgcap.config.S3Config)."""
+        return cls(config.endpoint_url, config.region, config.profile, config.anonymous)
+
+
+def output_filesystem(uri: str, options: S3Options) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) of a local path or a URI, for writing and resuming outputs.
+
+    `s3://` gets an S3FileSystem with `options` applied (pyarrow's own URI parsing knows neither a custom
+    endpoint nor a profile): the endpoint from `options` or AWS_ENDPOINT_URL(_S3), a profile's credentials
+    resolved through boto3, otherwise the AWS SDK's default chain on every node (env, instance role).
+    """
+    import pyarrow.fs as pafs
+
+    if not uri.startswith("s3://"):
+        if "://" in uri:
+            return pafs.FileSystem.from_uri(uri)
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"anonymous": options.anonymous}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:  # S3-compatible stores ignore the region; pyarrow would otherwise ask AWS for it
+        kwargs["region"] = region or "us-east-1"
+    if options.profile:
+        import boto3
+
+        credentials = boto3.session.Session(profile_name=options.profile).get_credentials().get_frozen_credentials()
+        kwargs.update(access_key=credentials.access_key, secret_key=credentials.secret_key,
+                      session_token=credentials.token)
+    return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -201,11 +240,12 @@ def _is_archive(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _image_id(relative: str, id_from: str) -> str:
-    """Image id from a path relative to its source root: the stem, or the relative path minus extension."""
+def _image_id(relative: str, id_from: str, source: str) -> str:
+    """Image id of the image at `source`, `relative` to its source root (see the module docstring)."""
+    if id_from == "uri":
+        return source
     relative = relative.replace(os.sep, "/").lstrip("/")
-    stem_path = posixpath.splitext(relative)[0]
-    return stem_path if id_from == "relpath" else posixpath.basename(stem_path)
+    return relative if id_from == "relpath" else posixpath.splitext(posixpath.basename(relative))[0]
 
 
 def _join(base: str, relative: str) -> str:
@@ -233,7 +273,7 @@ def list_archive(location: str, options: S3Options, id_from: str = "stem",
                 for info in archive.infolist():
                     if not info.is_dir() and _is_image_name(info.filename, extensions) \
                             and not info.filename.startswith("__MACOSX/"):
-                        refs.append(ImageRef(_image_id(info.filename, id_from), f"{location}!{info.filename}",
+                        refs.append(ImageRef(_image_id(info.filename, id_from, f"{location}!{info.filename}"), f"{location}!{info.filename}",
                                              location, member=info.filename, mode="zip"))
             return refs
         compressed = _is_compressed(location, options, client)
@@ -246,7 +286,7 @@ def list_archive(location: str, options: S3Options, id_from: str = "stem",
                 archive = stack.enter_context(tarfile.open(location, "r:*"))
             for member in archive:
                 if member.isfile() and _is_image_name(member.name, extensions):
-                    ref = ImageRef(_image_id(member.name, id_from), f"{location}!{member.name}", location,
+                    ref = ImageRef(_image_id(member.name, id_from, f"{location}!{member.name}"), f"{location}!{member.name}", location,
                                    member=member.name)
                     refs.append(dataclasses.replace(ref, mode="tar_stream") if compressed else
                                 dataclasses.replace(ref, offset=member.offset_data, size=member.size))
@@ -264,7 +304,7 @@ def _list_directory(root: Path, recursive: bool, extensions: Sequence[str], incl
             if include_archives and _is_archive(name):
                 yield from list_archive(str(path), options, id_from, extensions)
             elif _is_image_name(name, extensions):
-                yield ImageRef(_image_id(str(path.relative_to(root)), id_from), str(path), str(path))
+                yield ImageRef(_image_id(str(path.relative_to(root)), id_from, str(path)), str(path), str(path))
 
 
 def _list_s3_prefix(uri: str, recursive: bool, extensions: Sequence[str], include_archives: bool,
@@ -280,7 +320,7 @@ def _list_s3_prefix(uri: str, recursive: bool, extensions: Sequence[str], includ
                 if include_archives and _is_archive(key):
                     yield from list_archive(location, options, id_from, extensions, client)
                 elif _is_image_name(key, extensions):
-                    yield ImageRef(_image_id(key[len(prefix):], id_from), location, location)
+                    yield ImageRef(_image_id(key[len(prefix):], id_from, location), location, location)
     except Exception as exc:  # botocore's errors share no base class worth naming; report which source failed
         raise SourceError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
 
@@ -300,7 +340,7 @@ def _list_file(path: str, options: S3Options, id_from: str, extensions: Sequence
         if _is_archive(target):
             yield from list_archive(target, options, id_from, extensions, client)
         else:
-            yield ImageRef(_image_id(line, id_from), target, target)
+            yield ImageRef(_image_id(line, id_from, target), target, target)
 
 
 def list_source(path: str, options: S3Options, *, recursive: bool = True, include_archives: bool = False,
@@ -315,7 +355,7 @@ def list_source(path: str, options: S3Options, *, recursive: bool = True, includ
         if path.lower().endswith(LIST_SUFFIXES):
             return list(_list_file(path, options, id_from, extensions, client))
         if path.lower().endswith(extensions):
-            return [ImageRef(_image_id(posixpath.basename(path), "stem"), path, path)]
+            return [ImageRef(_image_id(posixpath.basename(path), id_from, path), path, path)]
         return list(_list_s3_prefix(path, recursive, extensions, include_archives, id_from, options, client))
     local = Path(path)
     if local.is_dir():
@@ -327,13 +367,14 @@ def list_source(path: str, options: S3Options, *, recursive: bool = True, includ
     if path.lower().endswith(LIST_SUFFIXES):
         return list(_list_file(str(local.resolve()), options, id_from, extensions, client))
     if path.lower().endswith(extensions):
-        return [ImageRef(_image_id(local.name, "stem"), path, path)]
+        return [ImageRef(_image_id(local.name, id_from, path), path, path)]
     raise SourceError(f"cannot tell what {path} is: expected a directory, an archive ({', '.join(ARCHIVE_SUFFIXES)}),"
                       f" a list file ({', '.join(LIST_SUFFIXES)}) or an image ({', '.join(extensions)})")
 
 
-def check_unique_ids(refs: Iterable[ImageRef]) -> None:
-    """Raise SourceError naming colliding image ids (two sources, one id) instead of dropping either."""
+def check_unique_ids(refs: Iterable[ImageRef], id_from: str = "stem") -> None:
+    """Raise SourceError naming colliding image ids (two images, one id) instead of dropping either; the
+    message names the `id_from` that cannot collide for these images."""
     first: dict[str, str] = {}
     collisions = []
     for ref in refs:
@@ -343,39 +384,54 @@ def check_unique_ids(refs: Iterable[ImageRef]) -> None:
             first[ref.image_id] = ref.source
     if collisions:
         shown = "; ".join(collisions[:5])
+        fix = {"stem": "set id_from = \"relpath\" (paths relative to each source, extension kept) or \"uri\"",
+               "relpath": "set id_from = \"uri\" (the whole source URI: unique across sources)"}.get(id_from)
         raise SourceError(f"{len(collisions)} image id collision(s): {shown}"
                           f"{' ...' if len(collisions) > 5 else ''}. Image ids must be unique: rename or remove"
-                          f" the duplicates, or set id_from = \"relpath\" to use paths relative to each source")
+                          f" the duplicates{', or ' + fix if fix else ''}")
+
+
+def list_images(sources: Sequence[Any], options: S3Options, extensions: Sequence[str], id_from: str) -> list[ImageRef]:
+    """Every image of a job's `sources` (imgcap.config.SourceConfig), checked for unique ids."""
+    refs = [ref for source in sources
+            for ref in list_source(source.path, options, recursive=source.recursive,
+                                   include_archives=source.include_archives, extensions=extensions,
+                                   id_from=id_from)]
+    check_unique_ids(refs, id_from)
+    return refs
 
 
 # ---------------------------------------------------------------------------------------------- shards
 
 
-def plan_shards(refs: Sequence[ImageRef], shard_size: int) -> list[dict[str, str]]:
+def plan_shards(refs: Sequence[ImageRef], shard_size: int) -> list[dict[str, Any]]:
     """Group refs into read tasks: `shard_size` files or random-access members each; one task per
-    compressed tar (it can only be read from the start). Each shard is a flat dict (a Ray Data row)."""
+    compressed tar (it can only be read from the start). Each shard is a Ray Data row of typed columns: the
+    `mode` string and one list per ref field (`image_id`, `source`, `location`, `member`, `offset`, `size`)."""
     groups: dict[tuple[str, str], list[ImageRef]] = {}
     for ref in refs:
         key = ("files", "") if ref.mode == "files" else (ref.mode, ref.location)
         groups.setdefault(key, []).append(ref)
     shards = []
-    for (mode, location), members in groups.items():
+    for (mode, _), members in groups.items():
         step = len(members) if mode == "tar_stream" else shard_size
         for start in range(0, len(members), step):
             chunk = members[start:start + step]
-            rows = [[r.image_id, r.source, r.location, r.member, r.offset, r.size] for r in chunk]
-            shards.append({"mode": mode, "location": location, "refs": json.dumps(rows)})
+            shards.append({"mode": mode, **{name: [getattr(r, name) for r in chunk] for name in _SHARD_FIELDS}})
     return shards
+
+
+_SHARD_FIELDS = ("image_id", "source", "location", "member", "offset", "size")
 
 
 def _error_text(exc: BaseException) -> str:
     return f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def read_shard(shard: dict[str, str], options: S3Options, chunk: int = 32) -> Iterator[list[RawImage]]:
+def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> Iterator[list[RawImage]]:
     """Read the bytes of every image of a shard, `chunk` images at a time. Never raises for a bad image or a
     bad archive: those become RawImage rows with `data=None` and an error message."""
-    refs = [ImageRef(*row, mode=shard["mode"]) for row in json.loads(shard["refs"])]
+    refs = [ImageRef(*fields, mode=shard["mode"]) for fields in zip(*(shard[name] for name in _SHARD_FIELDS))]
     client = s3_client(options) if any(r.location.startswith("s3://") for r in refs) else None
     out: list[RawImage] = []
     emitted: set[str] = set()
@@ -397,7 +453,7 @@ def read_shard(shard: dict[str, str], options: S3Options, chunk: int = 32) -> It
                 yield from emit(ref, data)
     elif shard["mode"] == "zip":
         try:
-            with open_random_access(shard["location"], options, client) as handle, \
+            with open_random_access(refs[0].location, options, client) as handle, \
                     zipfile.ZipFile(handle) as archive:
                 for ref in refs:
                     try:
@@ -413,7 +469,7 @@ def read_shard(shard: dict[str, str], options: S3Options, chunk: int = 32) -> It
     else:
         wanted = {ref.member: ref for ref in refs}
         try:
-            with contextlib.closing(open_stream(shard["location"], options, client)) as stream, \
+            with contextlib.closing(open_stream(refs[0].location, options, client)) as stream, \
                     tarfile.open(fileobj=stream, mode="r|*") as archive:
                 for member in archive:
                     ref = wanted.pop(member.name, None)

@@ -32,6 +32,7 @@ from imgcap.beam import GreedyDecoder
 from imgcap.bundle import CaptionBundle
 from imgcap.config import ModelConfig, TrainConfig, TrainJobConfig, config_to_dict
 from imgcap.dataset import CaptionExamples, TrainingData, iterate_batches, prepare_training_data
+from imgcap.embedding import EmbeddingSpec
 from imgcap.evaluate import EvaluationReport, coco_available, evaluate_captions, nltk_corpus_bleu
 from imgcap.glove import glove_embedding_matrix
 from imgcap.model import CaptionModel
@@ -367,12 +368,25 @@ def train_captioner(config: TrainJobConfig, progress: bool | None = None) -> Tra
     return TrainResult(bundle_dir, result.history, result.best_epoch, report)
 
 
+def training_embedding(config: TrainJobConfig, data: TrainingData) -> EmbeddingSpec | None:
+    """How the training features were made: as extraction recorded it next to Parquet features, else (an
+    .npz records nothing) `data.backbone` with the extraction defaults; None when neither says."""
+    recorded = data.features.embedding
+    if recorded is not None:
+        if config.data.backbone and config.data.backbone != recorded.tag:
+            log.warning("data.backbone = %r but %s were made with %r: the bundle records %r",
+                        config.data.backbone, config.data.features, recorded.tag, recorded.tag)
+        return recorded
+    return EmbeddingSpec.from_tag(config.data.backbone) if config.data.backbone else None
+
+
 def write_training_outputs(config: TrainJobConfig, model: CaptionModel, data: TrainingData,
                            history: list[EpochMetrics], provenance: dict) -> tuple[Path, EvaluationReport]:
     """What every training job leaves in ``config.output_dir``: the bundle, history.csv, dev_report.json."""
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    bundle = CaptionBundle(model, data.vocab, config.text, config.decode, config.data.backbone, provenance)
+    bundle = CaptionBundle(model, data.vocab, config.text, config.decode, training_embedding(config, data),
+                           provenance)
     bundle_dir = bundle.save(output / "bundle")
     write_history(history, output / "history.csv")
     report = evaluate_bundle_on_dev(bundle, data, coco=coco_available())

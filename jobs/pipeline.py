@@ -10,6 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from imgcap.runtime import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # before anything imports TensorFlow: no CUDA/oneDNN banners on CPU machines
+
 from imgcap.cli import run_config_job  # noqa: E402
 from imgcap.pipeline import load_pipeline_config, run_pipeline  # noqa: E402
 

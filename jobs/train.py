@@ -3,10 +3,13 @@
 Local:          python jobs/train.py --config configs/train_flickr8k.toml
 On a cluster:   ray job submit --working-dir . -- python jobs/train.py --config configs/train_flickr8k.toml
 Overrides:      --set ray.num_workers=4 --set ray.use_gpu=true --set train.epochs=20
-Resume:         --set ray.resume_from='"runs/train_flickr8k"'  (a checkpoint, run or output directory)
+Resume:         rerun the same command: the run name is derived from output_dir, so the run continues from its
+                latest checkpoint (a finished run only rewrites the bundle). From another run's checkpoint:
+                --set ray.resume_from='"runs/other"'  (a checkpoint, run or output directory, or a URI)
 
 Writes <output_dir>/bundle (the best epoch), history.csv, dev_report.json; Ray Train's run directory with
 the per-epoch checkpoints is <output_dir>/ray_results/<run name> unless ray.storage_path is set.
+On an autoscaling cluster missing workers' CPUs/GPUs are waited for (ray.resource_timeout_s), not refused.
 Exit status: 0 on success, 2 on a configuration error (found before any worker starts).
 """
 
@@ -14,6 +17,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from imgcap.runtime import quiet_tensorflow  # noqa: E402
+
+quiet_tensorflow()  # before anything imports TensorFlow: no CUDA/oneDNN banners on CPU machines
 
 from imgcap.cli import run_config_job  # noqa: E402
 from imgcap.config import TrainJobConfig  # noqa: E402

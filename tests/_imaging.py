@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgcap.decode import DecodeOptions, decode_image
+from imgcap.imaging import ImagingOptions, load_pixels
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -53,5 +53,5 @@ def write_bad_inputs(directory: Path) -> dict[str, str]:
 
 def thumbnail(data: bytes) -> np.ndarray:
     """The expected `thumbnail` backbone feature of image bytes, computed without Keras or Ray."""
-    pixels = decode_image(data, DecodeOptions((224, 224))) / 255.0
+    pixels = load_pixels(data, ImagingOptions((224, 224))) / 255.0
     return pixels.reshape(16, 14, 16, 14, 3).mean(axis=(1, 3)).reshape(-1)

@@ -65,3 +65,29 @@ def test_decode_label_says_how_captions_were_made():
     assert DecodeConfig(beam_width=1).label == "greedy"
     assert DecodeConfig(beam_width=3).label == "beam-3"
     assert DecodeConfig(beam_width=5, length_penalty=0.7).label == "beam-5 (length penalty 0.7)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('bundle = "b"\n', "sources or features is required"),
+    ('bundle = "b"\nfeatures = "f"\n[[sources]]\npath = "imgs"\n', "give either sources .* or features"),
+    ('bundle = "b"\nfeatures = "f"\nactors = 2\nmax_actors = 1\n', "max_actors must be 0 .* or >= actors = 2"),
+    ('bundle = "b"\nfeatures = "f"\n[cnn]\ngpus = 1\n', r"cnn: unknown key\(s\) gpus; valid keys: actors"),
+    ('bundle = "b"\nfeatures = "f"\n[cnn]\ngpus_per_actor = -1\n', "cnn.gpus_per_actor must be >= 0"),
+    ('bundle = "b"\nfeatures = "f"\nid_from = "name"\n', "id_from must be one of 'stem', 'relpath', 'uri'"),
+    ('bundle = "b"\nthumbnail_size = -5\n[[sources]]\npath = "imgs"\n', "thumbnail_size must be >= 0"),
+])
+def test_caption_job_config_errors_name_the_key(tmp_path, text, message):
+    from imgcap.config import CaptionJobConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(CaptionJobConfig, write(tmp_path, text))
+
+
+def test_caption_job_config_keeps_uris_and_resolves_paths(tmp_path):
+    from imgcap.config import CaptionJobConfig
+
+    config = load_config(CaptionJobConfig, write(tmp_path, 'bundle = "s3://b/bundle"\noutput_dir = "s3://b/out"\n'
+                                                           '[[sources]]\npath = "imgs"\n[cnn]\nmax_actors = 4\n'))
+    assert config.bundle == "s3://b/bundle" and config.output_dir == "s3://b/out"
+    assert config.sources[0].path == str(tmp_path / "imgs") and config.cnn.pool.max_actors == 4
+    assert config.pool.gpus_per_actor == 0 and config.cnn.weights == "imagenet"

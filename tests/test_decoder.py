@@ -8,6 +8,7 @@ from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
 from imgcap.bundle import CaptionBundle, combine_bundles, load_bundle
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, TrainConfig
 from imgcap.dataset import build_examples, iterate_batches, tokenize_corpus
+from imgcap.embedding import EmbeddingSpec
 from imgcap.evaluate import nltk_corpus_bleu
 from imgcap.model import CaptionEnsemble, CaptionModel
 from imgcap.text import PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -109,10 +110,12 @@ def test_bundle_round_trip_captions_identically(trained, toy, tmp_path):
     model, vocab = trained[0], trained[1]
     features = toy[4]
     decode = DecodeConfig(beam_width=3, max_length=20)
-    bundle = CaptionBundle(model, vocab, TextConfig(), decode, backbone="toy", provenance={"note": "test"})
+    bundle = CaptionBundle(model, vocab, TextConfig(), decode, EmbeddingSpec("thumbnail", resize="center_crop"),
+                           provenance={"note": "test"})
     bundle.save(tmp_path / "bundle")
     loaded = load_bundle(tmp_path / "bundle")
-    assert loaded.vocab == vocab and loaded.backbone == "toy" and loaded.decode == decode
+    assert loaded.vocab == vocab and loaded.embedding == bundle.embedding and loaded.decode == decode
+    assert loaded.fingerprint == bundle.fingerprint and loaded.fingerprint.startswith("sha256:")
     assert loaded.caption(features) == bundle.caption(features)
     for a, b in zip(loaded.model.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)

@@ -1,15 +1,17 @@
 """Ray Train data-parallel training (imgcap.distributed) on the local 2-CPU Ray cluster.
 
 The toy captioning problem is written to disk as a Flickr8k-style caption file, split files and an .npz of
-features, so the job reads real files exactly as jobs/train.py does. Three Ray Train runs are shared by the
-tests (about two minutes together): 2 workers with a worker crash injected mid-epoch, 1 worker on the same data
-and global batch, and a resume of the 2-worker run.
+features, so the job reads real files exactly as jobs/train.py does. The Ray Train runs shared by the tests:
+2 workers with a worker crash injected mid-epoch, 1 worker on the same data and global batch, a resume of the
+2-worker run, one short job run twice (crashed with ray.max_failures = 0, then rerun: it continues its run),
+and a short run with its storage in S3 (moto's server). The cluster checks (autoscaler or not) start no run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -179,11 +181,6 @@ def test_resume_checks_the_checkpoint_against_the_config(two_workers, toy_files,
                                 ray={"resume_from": previous}))
     with pytest.raises(ConfigError, match=f"at epoch {EPOCHS} and train.epochs is {EPOCHS}: .* raise train.epochs"):
         train_on_ray(job_config(toy_files, tmp_path / "out", ray={"resume_from": previous}))
-    # Rerunning into an existing run without resume_from would silently restore it: refused.
-    run = Path(two_workers[0].run_dir)
-    with pytest.raises(ConfigError, match="already exists .* set ray.resume_from"):
-        train_on_ray(job_config(toy_files, tmp_path / "out",
-                                ray={"storage_path": str(run.parent), "run_name": run.name}))
 
 
 def test_train_job_reports_config_errors_with_status_2(ray_local, toy_files, tmp_path, capsys):
@@ -199,6 +196,253 @@ def test_train_job_reports_config_errors_with_status_2(ray_local, toy_files, tmp
     assert run_config_job(TrainJobConfig, train_on_ray,
                           ["--config", str(config), "--set", "ray.max_failures=-1"]) == 2
     assert "ray.max_failures must be >= 0" in capsys.readouterr().err
+
+
+# --- reruns: a stable run name, so the same job run again continues its Ray Train run
+
+RERUN_EPOCHS = 3
+
+
+def no_trainer(*args, **kwargs):
+    raise AssertionError("a Ray Train run was started")
+
+
+@pytest.fixture(scope="module")
+def rerun(ray_local, toy_files, tmp_path_factory):
+    """One job config (1 worker, 3 epochs, ray.max_failures = 0) run twice: the first run crashes in the middle
+    of epoch 2 and fails (its epoch-1 checkpoint stays); the second, the same job again, continues that run."""
+    from imgcap.distributed import FAIL_ONCE_ENV, train_on_ray
+
+    root = tmp_path_factory.mktemp("rerun")
+    config = job_config(toy_files, root / "out", train={"epochs": RERUN_EPOCHS},
+                        ray={"num_workers": 1, "max_failures": 0})
+    marker = root / "crashed.txt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAIL_ONCE_ENV, f"2:{marker}")
+        with pytest.raises(RuntimeError, match="(?s)failed .*rerun the same job"):
+            train_on_ray(config)
+        assert marker.is_file()  # the hook raised; it does not again (the marker exists)
+        continued = train_on_ray(config)
+    return config, continued
+
+
+def test_rerunning_a_job_continues_its_run(rerun):
+    from imgcap.distributed import default_run_name
+
+    config, continued = rerun
+    storage = Path(config.output_dir).resolve() / "ray_results"
+    run = Path(continued.run_dir)
+    assert run == storage / default_run_name(config.output_dir) and run.name.startswith("train-out-")
+    assert [p.name for p in storage.iterdir()] == [run.name]  # the crashed run's directory, continued
+    assert continued.continued_from == str(run / "checkpoint_epoch_0001")
+    assert continued.metrics["started_at_epoch"] == 1 and continued.trained
+    assert [h.epoch for h in continued.history] == list(range(1, RERUN_EPOCHS + 1))  # no epoch twice
+    assert (Path(config.output_dir) / "history.csv").read_text().count("\n") == RERUN_EPOCHS + 1
+    for k, h in enumerate(continued.history):  # the learning-rate schedule went on from epoch 1
+        assert h.learning_rate == pytest.approx(LR * DECAY ** k, rel=1e-5)
+    assert continued.checkpoint == str(run / f"checkpoint_epoch_{RERUN_EPOCHS:04d}")
+
+
+def test_rerunning_a_finished_job_writes_the_outputs_without_training(rerun, monkeypatch):
+    import dataclasses
+
+    import ray.train.tensorflow
+
+    from imgcap.bundle import load_bundle
+    from imgcap.distributed import train_on_ray
+
+    config, continued = rerun
+    before = load_bundle(continued.bundle_dir).model.get_weights()
+    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
+    again = train_on_ray(config)
+    assert not again.trained and again.run_dir == continued.run_dir and again.checkpoint == continued.checkpoint
+    assert [h.as_dict() for h in again.history] == [h.as_dict() for h in continued.history]
+    assert again.best_epoch == continued.best_epoch and again.report.nltk_bleu == continued.report.nltk_bleu
+    after = load_bundle(again.bundle_dir).model.get_weights()
+    assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
+
+    # More epochs: the same run trains on (Ray Train is started with the same run name and storage).
+    started = []
+
+    class Started(Exception):
+        pass
+
+    def record(*args, run_config, **kwargs):
+        started.append(run_config)
+        raise Started
+
+    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", record)
+    with pytest.raises(Started):
+        train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=RERUN_EPOCHS + 2)))
+    run = Path(continued.run_dir)
+    assert started[0].name == run.name and Path(started[0].storage_path) == run.parent
+
+
+def test_rerun_with_a_changed_config_is_refused(rerun, monkeypatch):
+    import dataclasses
+
+    import ray.train.tensorflow
+
+    from imgcap.distributed import train_on_ray
+
+    config, continued = rerun
+    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
+    with pytest.raises(ConfigError, match=r"model.units is 32 but the existing run train-out-\w+ .* was trained "
+                                          r"with 64; .* choose another output_dir or ray.run_name"):
+        train_on_ray(dataclasses.replace(config, model=dataclasses.replace(config.model, units=32)))
+    with pytest.raises(ConfigError, match=r"train.weight_ema is 0.9 but the existing run .* choose another output_dir"):
+        train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, weight_ema=0.9)))
+
+
+# --- storage in S3 (moto's server)
+
+BUCKET = "imgcap-runs"
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_local, s3_server, toy_files, tmp_path_factory):
+    """1 worker, 2 epochs, ray.storage_path = s3://imgcap-runs/ray on the moto endpoint."""
+    import boto3
+
+    from imgcap.distributed import train_on_ray
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
+    config = job_config(toy_files, tmp_path_factory.mktemp("s3_run") / "out", train={"epochs": 2},
+                        ray={"num_workers": 1, "storage_path": f"s3://{BUCKET}/ray", "storage_endpoint_url": s3_server})
+    return config, train_on_ray(config)
+
+
+def test_s3_storage_path_keeps_the_run_in_the_bucket(s3_run, s3_server, toy_files, monkeypatch):
+    import boto3
+    import pyarrow.fs
+    import ray.train.tensorflow
+
+    from imgcap.distributed import default_run_name, find_latest_checkpoint, train_on_ray
+
+    config, result = s3_run
+    name = default_run_name(config.output_dir)
+    assert result.run_dir == f"s3://{BUCKET}/ray/{name}"
+    assert result.checkpoint == f"s3://{BUCKET}/ray/{name}/checkpoint_epoch_0002"
+    pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2")
+    keys = {o["Key"] for page in pages.paginate(Bucket=BUCKET, Prefix=f"ray/{name}/") for o in page.get("Contents", [])}
+    for epoch in (1, 2):
+        assert {f"ray/{name}/checkpoint_epoch_{epoch:04d}/{f}" for f in ("state.npz", "imgcap_checkpoint.json")} <= keys
+    assert f"ray/{name}/checkpoint_manager_snapshot.json" in keys
+    assert not any(".imgcap_probe" in k for k in keys)  # the storage probe was deleted
+    assert not (Path(config.output_dir) / "ray_results").exists() and (Path(config.output_dir) / "bundle").is_dir()
+    assert [h.epoch for h in result.history] == [1, 2]
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_server)
+    assert find_latest_checkpoint(f"{BUCKET}/ray", s3) == f"{BUCKET}/ray/{name}/checkpoint_epoch_0002"
+
+    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
+    again = train_on_ray(config)  # the finished run, read back from the bucket: no training
+    assert not again.trained and [h.as_dict() for h in again.history] == [h.as_dict() for h in result.history]
+    with pytest.raises(ConfigError, match=f"the checkpoint s3://{BUCKET}/ray/{name}/checkpoint_epoch_0002 is at "
+                                          f"epoch 2 and train.epochs is 2"):  # ray.resume_from as a URI
+        train_on_ray(job_config(toy_files, Path(config.output_dir).parent / "other", train={"epochs": 2},
+                                ray={"resume_from": f"s3://{BUCKET}/ray/{name}", "storage_endpoint_url": s3_server}))
+
+
+def test_unwritable_storage_path_fails_before_any_worker_starts(ray_local, s3_server, toy_files, tmp_path,
+                                                               monkeypatch):
+    import ray.train.tensorflow
+
+    from imgcap.distributed import train_on_ray
+
+    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"ray.storage_path: cannot write the run train-out-\w+ to "
+                                          r"s3://no-such-bucket/runs: .*(bucket|Bucket)"):
+        train_on_ray(job_config(toy_files, tmp_path / "out", ray={"storage_path": "s3://no-such-bucket/runs",
+                                                                  "storage_endpoint_url": s3_server}))
+    assert time.perf_counter() - started < 30
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    if not os.access(read_only, os.W_OK):  # (root may write anywhere)
+        with pytest.raises(ConfigError, match="ray.storage_path: cannot write .* not a writable directory"):
+            train_on_ray(job_config(toy_files, tmp_path / "out", ray={"storage_path": str(read_only / "runs")}))
+
+
+# --- the cluster: refused at once without an autoscaler, waited for with one
+
+
+def test_fixed_cluster_is_refused_at_once(ray_local, toy_files, tmp_path):
+    from imgcap import distributed
+
+    assert distributed.cluster_can_grow() is False  # a local ray.init(): the read-only autoscaler
+    config = job_config(toy_files, tmp_path / "out", ray={"use_gpu": True, "num_workers": 1})
+    assert config.ray.resource_timeout_s == 900
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"ray.use_gpu = true needs one GPU per worker \(1\) but the Ray cluster "
+                                          r"has 0; set ray.use_gpu = false"):
+        distributed._check_cluster(config)
+    assert time.perf_counter() - started < 5
+
+
+def test_autoscaling_cluster_is_waited_for(ray_local, toy_files, tmp_path, monkeypatch):
+    """The autoscaler predicate is forced; the waiting is real: a placement group of the workers' bundles on
+    the local cluster, which never fits (3 CPUs on 2), or fits once an actor holding every CPU is killed."""
+    import dataclasses
+    import importlib
+    import threading
+
+    from imgcap import distributed
+
+    pg_module = importlib.import_module("ray.util.placement_group")  # the module (ray.util's name is the function)
+
+    monkeypatch.setattr(distributed, "cluster_can_grow", lambda: True)
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    config = job_config(toy_files, tmp_path / "out", train={"batch_size": 8 * (cpus + 1)},
+                        ray={"num_workers": cpus + 1, "resource_timeout_s": 4})
+    groups = []
+    create = pg_module.placement_group
+
+    def recording(bundles, **kwargs):
+        groups.append((bundles, create(bundles, **kwargs)))
+        return groups[-1][1]
+
+    monkeypatch.setattr(pg_module, "placement_group", recording)
+    distributed._check_cluster(config, wait=False)  # can grow: not refused before the data are read
+    assert not groups
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"waited 4 s \(ray.resource_timeout_s\) for the autoscaler, in vain: "
+                                          rf"ray.num_workers = {cpus + 1} .* needs {cpus + 1} CPUs .* set "
+                                          rf"ray.num_workers <= {cpus} .* raise ray.resource_timeout_s"):
+        distributed._check_cluster(config)
+    waited = time.perf_counter() - started
+    assert 4 <= waited < 25, waited
+    assert groups[0][0] == [{"CPU": 1}] * (cpus + 1)  # the demand the autoscaler scales up for
+    assert ray_local.util.placement_group_table(groups[0][1])["state"] == "REMOVED"
+
+    no_wait = dataclasses.replace(config, ray=dataclasses.replace(config.ray, resource_timeout_s=0))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=f"needs {cpus + 1} CPUs but the Ray cluster has {cpus}"):
+        distributed._check_cluster(no_wait)
+    assert time.perf_counter() - started < 5
+
+    # Resources that come while waiting: the cluster "has" no CPU yet (as seen by the check), and the real
+    # CPUs are busy with an actor that goes away after 2 s: the wait ends then, well before its timeout.
+    @ray_local.remote(num_cpus=cpus)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray_local.get(holder.ready.remote())
+    fits = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=8 * cpus),
+                               ray=dataclasses.replace(config.ray, num_workers=cpus, resource_timeout_s=60))
+    real, calls = ray_local.cluster_resources, []
+
+    def first_look_finds_no_cpu() -> dict:
+        calls.append(1)
+        return {"CPU": 0.0} if len(calls) == 1 else real()
+
+    monkeypatch.setattr(ray_local, "cluster_resources", first_look_finds_no_cpu)
+    threading.Timer(2.0, ray_local.kill, [holder]).start()
+    started = time.perf_counter()
+    distributed._check_cluster(fits)
+    assert 1.5 <= time.perf_counter() - started < 30
+    assert ray_local.util.placement_group_table(groups[-1][1])["state"] == "REMOVED"
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "flickr8k"

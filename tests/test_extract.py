@@ -18,7 +18,9 @@ from _imaging import SHARED, jpeg_bytes, thumbnail, write_bad_inputs, write_jpeg
 from PIL import Image
 
 from imgcap.config import ExtractConfig, config_from_dict, load_config
-from imgcap.features import FEATURE_SCHEMA, INCOMPLETE_DIR, extract_features, load_features
+from imgcap.extract_job import extract_features
+from imgcap.feature_table import FEATURE_SCHEMA, load_features
+from imgcap.sinks import INCOMPLETE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,8 +133,10 @@ def test_output_of_another_backbone_is_not_mixed_in(ray_local, tmp_path):
     images, output = tmp_path / "images", tmp_path / "out"
     write_jpegs(images, 2)
     extract([images], output)
-    with pytest.raises(ValueError, match=r"holds features of \['thumbnail'\], not 'thumbnail/max'"):
+    with pytest.raises(FileExistsError, match=r"holds rows with backbone \['thumbnail'\], not 'thumbnail/max'"):
         extract([images], output, pooling="max")
+    with pytest.raises(FileExistsError, match=r"holds features made with .*resize='stretch'.*resize='center_crop'"):
+        extract([images], output, resize="center_crop")  # same backbone, other pixels: refused as well
 
 
 def test_job_entrypoint_runs_against_the_cluster_and_reports(ray_local, tmp_path):

@@ -9,14 +9,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgcap.bundle import load_bundle
-from imgcap.config import CaptionJobConfig, ConfigError
+from imgcap.config import CaptionJobConfig, CnnConfig, ConfigError, DecodeConfig, SourceConfig
 from imgcap.evaluate import nltk_corpus_bleu
-from imgcap.features import load_features
-from imgcap.inference import caption_photos, run_caption_job
+from imgcap.feature_table import load_features
+from imgcap.caption_job import caption_photos, run_caption_job
 from imgcap.pipeline import load_pipeline_config, run_pipeline
-from imgcap.sinks import read_captions_output
+from imgcap.sinks import OutputDirectory
+from imgcap.sources import S3Options
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_captions_output(directory: Path):
+    """Every caption row written to `directory`; fails on a duplicate image id."""
+    table = OutputDirectory(str(directory), S3Options()).read()
+    ids = table["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate caption rows"
+    return table
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +79,44 @@ def test_caption_job_keeps_error_rows_and_restricts_to_a_split(demo_run, tmp_pat
     assert set(rows) == {"broken", "shapes_00001", "shapes_00002"}
     assert rows["broken"]["caption"] is None and rows["broken"]["error"] == "truncated"
     assert rows["shapes_00001"]["caption"] and rows["shapes_00001"]["score"] < 0
-    assert (out.images, out.captioned, out.failed) == (3, 2, 1) and out.report.num_images == 2
-    with pytest.raises(FileExistsError, match="already holds captions"):
-        run_caption_job(job)
+    assert (out.listed, out.skipped, out.captioned, out.failed) == (3, 0, 2, 1) and out.report.num_images == 2
+    again = run_caption_job(job)  # a rerun resumes: nothing left to do, nothing duplicated
+    assert (again.listed, again.skipped, again.captioned, again.failed) == (3, 3, 0, 0)
+    assert again.report.num_images == 2 and read_captions_output(tmp_path / "out" / "captions").num_rows == 3
+    other = CaptionJobConfig(bundle=job.bundle, features=job.features, output_dir=job.output_dir,
+                             decode=DecodeConfig(beam_width=1))
+    with pytest.raises(FileExistsError, match="not 'greedy'"):  # captions of another decoding are never mixed in
+        run_caption_job(other)
+
+
+def test_images_to_captions_matches_the_features_path(demo_run, tmp_path):
+    """The one streaming job from images gives the captions of extraction + caption job, with the bundle's
+    recorded embedding, thumbnails for the contact sheet, and one row per image, errors included."""
+    config, result = demo_run
+    images = Path(config.extract.sources[0].path)
+    split = tmp_path / "split.txt"
+    split.write_text("".join(f"shapes_{i:05d}.jpg\n" for i in range(8)) + "empty.jpg\n")
+    photos = tmp_path / "photos"
+    shutil.copytree(images, photos, ignore=lambda d, names: [n for n in names if n[7:12] > "00007"])
+    (photos / "empty.jpg").write_bytes(b"")
+    from_images = run_caption_job(CaptionJobConfig(
+        bundle=str(result.training.bundle_dir), sources=[SourceConfig(str(photos))], output_dir=str(tmp_path / "a"),
+        references=config.caption.references, split=str(split), cnn=CnnConfig(weights="none"), thumbnail_size=48))
+    from_features = run_caption_job(CaptionJobConfig(
+        bundle=str(result.training.bundle_dir), features=config.extract.output_dir, output_dir=str(tmp_path / "b"),
+        split=str(split)))
+    a = {r["image_id"]: r for r in read_captions_output(tmp_path / "a" / "captions").to_pylist()}
+    b = {r["image_id"]: r for r in read_captions_output(tmp_path / "b" / "captions").to_pylist()}
+    assert set(a) == {f"shapes_{i:05d}" for i in range(8)} | {"empty"} and set(b) == set(a) - {"empty"}
+    assert a["empty"]["caption"] is None and a["empty"]["error"].startswith("empty file")
+    assert all(a[i]["caption"] == b[i]["caption"] for i in b), [(a[i]["caption"], b[i]["caption"]) for i in b]
+    assert all(a[i]["thumbnail"][:2] == b"\xff\xd8" and b[i]["thumbnail"] is None for i in b)  # JPEG thumbnails
+    assert a["shapes_00000"]["source"] == str(photos / "shapes_00000.jpg")
+    assert (from_images.listed, from_images.captioned, from_images.failed) == (9, 8, 1)
+    assert from_features.listed == 8 and from_images.report.num_images == 8
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert all(f"shapes_{i:05d}" in html for i in range(8)) and "empty file" in html
+    assert "report.html" in from_images.format() and "report.parquet" in from_images.format()
 
 
 def test_caption_photos_matches_the_batch_job(demo_run):

@@ -13,7 +13,7 @@ import pytest
 from _imaging import jpeg_bytes, thumbnail
 
 from imgcap.config import ExtractConfig, config_from_dict
-from imgcap.features import extract_features
+from imgcap.extract_job import extract_features
 from imgcap.sources import S3Options, SourceError, list_source, plan_shards, read_shard
 
 BUCKET = "imgcap-test"

@@ -71,12 +71,20 @@ def test_directory_is_recursive_case_insensitive_and_skips_hidden_and_other_file
 def test_relpath_ids_and_collisions_are_an_error_not_a_silent_drop(tmp_path):
     write_jpegs(tmp_path / "a", 1)
     write_jpegs(tmp_path / "b", 1)
+    (tmp_path / "b" / "img0000.png").write_bytes(b"a png beside the jpg of the same name")
     refs = list_source(str(tmp_path), NO_S3)
-    with pytest.raises(SourceError, match=r"1 image id collision.*img0000.*a/img0000.jpg and .*b/img0000.jpg"):
+    with pytest.raises(SourceError, match=r"2 image id collision.*img0000.*a/img0000.jpg and .*b/img0000.*"
+                                          r"set id_from = \"relpath\""):
         check_unique_ids(refs)
     rel = list_source(str(tmp_path), NO_S3, id_from="relpath")
-    check_unique_ids(rel)
-    assert sorted(r.image_id for r in rel) == ["a/img0000", "b/img0000"]
+    check_unique_ids(rel, "relpath")  # the extension is kept: b/img0000.jpg and b/img0000.png are two images
+    assert sorted(r.image_id for r in rel) == ["a/img0000.jpg", "b/img0000.jpg", "b/img0000.png"]
+    # Two sources with the same relative paths collide under relpath; the message names what cannot collide.
+    twice = list_source(str(tmp_path / "a"), NO_S3, id_from="relpath") * 2
+    with pytest.raises(SourceError, match=r"img0000.jpg.*set id_from = \"uri\""):
+        check_unique_ids(twice, "relpath")
+    uri = list_source(str(tmp_path), NO_S3, id_from="uri")
+    assert sorted(r.image_id for r in uri) == sorted(r.source for r in uri) and len(uri) == 3
 
 
 def test_list_file_resolves_relative_lines_and_skips_comments(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from imgcap.captions import CaptionCorpus
-from imgcap.features import FeatureTable
+from imgcap.feature_table import FeatureTable
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
 OBJECTS = ["dog", "cat", "car", "ball", "bird"]

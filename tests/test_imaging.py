@@ -11,7 +11,7 @@ import pytest
 from _imaging import jpeg_bytes, pattern
 from PIL import Image
 
-from imgcap.decode import DecodeError, DecodeOptions, decode_batch, decode_image
+from imgcap.imaging import ImageError, ImagingOptions, pixels_batch, load_pixels
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -21,7 +21,7 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
 
 
 def decode(data: bytes, size=(4, 4), **kwargs) -> np.ndarray:
-    return decode_image(data, DecodeOptions(size=size, **kwargs))
+    return load_pixels(data, ImagingOptions(size=size, **kwargs))
 
 
 def test_grey_palette_and_cmyk_become_rgb():
@@ -79,7 +79,7 @@ def test_stretch_matches_keras_load_img_and_center_crop_keeps_aspect(tmp_path):
     path = tmp_path / "wide.jpg"
     path.write_bytes(jpeg_bytes(seed=3, width=100, height=80))
     expected = keras_utils.img_to_array(keras_utils.load_img(path, target_size=(224, 224))).astype(np.uint8)
-    assert np.array_equal(decode_image(path.read_bytes(), DecodeOptions((224, 224))), expected)
+    assert np.array_equal(load_pixels(path.read_bytes(), ImagingOptions((224, 224))), expected)
     expected_crop = keras_utils.img_to_array(
         keras_utils.load_img(path, target_size=(50, 50), keep_aspect_ratio=True)).astype(np.uint8)
     assert np.array_equal(decode(path.read_bytes(), (50, 50), resize="center_crop"), expected_crop)
@@ -112,17 +112,17 @@ def test_jpeg_draft_is_close_to_full_decode():
     ],
 )
 def test_bad_bytes_raise_decode_error(data, message):
-    with pytest.raises(DecodeError, match=re.escape(message)):
+    with pytest.raises(ImageError, match=re.escape(message)):
         decode(data)
 
 
 def test_pixel_cap_refuses_before_decoding():
-    with pytest.raises(DecodeError, match=r"image too large: 64x48 = 3072 pixels > max_pixels 3000"):
+    with pytest.raises(ImageError, match=r"image too large: 64x48 = 3072 pixels > max_pixels 3000"):
         decode(jpeg_bytes(width=64, height=48), max_pixels=3000)
     assert decode(jpeg_bytes(width=64, height=48), max_pixels=3072).shape == (4, 4, 3)
 
 
-def test_decode_batch_turns_failures_into_error_rows():
+def test_pixels_batch_turns_failures_into_error_rows():
     good = jpeg_bytes(seed=2, width=8, height=8)
     batch = pa.table({
         "image_id": ["a", "b", "c"],
@@ -130,7 +130,7 @@ def test_decode_batch_turns_failures_into_error_rows():
         "data": pa.array([good, b"junk", None], pa.binary()),
         "error": ["", "", "unreadable: FileNotFoundError: gone"],
     })
-    out = decode_batch(batch, DecodeOptions(size=(8, 8)))
+    out = pixels_batch(batch, ImagingOptions(size=(8, 8)))
     assert out["image"].shape == (3, 8, 8, 3)
     assert list(out["error"]) == ["", out["error"][1], "unreadable: FileNotFoundError: gone"]
     assert out["error"][1].startswith("not an image")
@@ -140,4 +140,4 @@ def test_decode_batch_turns_failures_into_error_rows():
 
 def test_bad_options_are_rejected():
     with pytest.raises(ValueError, match="resample must be one of"):
-        DecodeOptions(resample="cubic-ish")
+        ImagingOptions(resample="cubic-ish")

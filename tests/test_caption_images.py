@@ -1,0 +1,162 @@
+"""The bulk captioning job from images on a local Ray cluster: agreement of the three ways to caption a photo
+(one streaming job from images, extraction + caption job on the features, `imgcap caption`) on the shared
+Flickr8k images, and a run from a `.tar.gz` on S3 (moto's server) to `s3://` outputs that resumes."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from _imaging import SHARED, jpeg_bytes
+
+from imgcap.bundle import CaptionBundle, load_bundle
+from imgcap.caption_job import caption_photos, run_caption_job
+from imgcap.config import (
+    CaptionJobConfig,
+    CnnConfig,
+    DecodeConfig,
+    ExtractConfig,
+    ModelConfig,
+    S3Config,
+    SourceConfig,
+    TextConfig,
+    TrainJobConfig,
+    config_from_dict,
+)
+from imgcap.embedding import CnnEmbedder, EmbeddingSpec
+from imgcap.extract_job import extract_features
+from imgcap.feature_table import load_features
+from imgcap.imaging import load_pixels
+from imgcap.sinks import OutputDirectory
+from imgcap.sources import S3Options
+from imgcap.text import Vocabulary
+
+FLICKR = SHARED / "flickr8k"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+needs_shared = pytest.mark.skipif(not (FLICKR / "Images").is_dir() or not WEIGHTS.is_file(),
+                                  reason=f"the shared Flickr8k images and MobileNetV2 weights are not in {SHARED}")
+
+
+def caption_rows(output: OutputDirectory) -> dict[str, dict]:
+    """Every caption row by image id; fails on a duplicate."""
+    table = output.read()
+    ids = table["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate caption rows"
+    return {row["image_id"]: row for row in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def flickr_bundle(tmp_path_factory):
+    """A small merge decoder trained briefly on the shared MobileNetV2 features (its captions need only be
+    deterministic here, not good), with the embedding the shared features were made with."""
+    from imgcap.train import train_captioner
+
+    out = tmp_path_factory.mktemp("flickr_bundle")
+    config = config_from_dict(TrainJobConfig, {
+        "output_dir": str(out),
+        "data": {"captions": str(FLICKR / "Flickr8k.token.txt"), "features": str(FLICKR / "features_mobilenet_v2.npz"),
+                 "train_split": str(FLICKR / "Flickr_8k.trainImages.txt"),
+                 "dev_split": str(FLICKR / "Flickr_8k.devImages.txt"), "backbone": "mobilenet_v2",
+                 "max_train_images": 1500, "max_dev_images": 100},
+        "model": {"embedding_dim": 64, "units": 128},
+        "train": {"epochs": 1, "batch_size": 128, "select_by": "loss"},
+        "decode": {"beam_width": 3}})
+    return train_captioner(config, progress=False).bundle_dir
+
+
+@needs_shared
+def test_images_features_and_imgcap_caption_agree_on_the_shared_images(ray_local, flickr_bundle, tmp_path):
+    bundle = load_bundle(flickr_bundle)
+    assert bundle.embedding == EmbeddingSpec("mobilenet_v2")  # recorded at training: stretch, nearest, avg
+    photos = sorted((FLICKR / "Images").glob("*.jpg"))
+    assert len(photos) == 300
+
+    from_images = run_caption_job(CaptionJobConfig(
+        bundle=str(flickr_bundle), sources=[SourceConfig(str(FLICKR / "Images"))], output_dir=str(tmp_path / "a"),
+        cnn=CnnConfig(weights_file=str(WEIGHTS)), references=str(FLICKR / "Flickr8k.token.txt")))
+    extract_features(config_from_dict(ExtractConfig, {
+        "sources": [{"path": str(FLICKR / "Images")}], "output_dir": str(tmp_path / "features"),
+        "backbone": "mobilenet_v2", "weights_file": str(WEIGHTS)}))
+    run_caption_job(CaptionJobConfig(bundle=str(flickr_bundle), features=str(tmp_path / "features"),
+                                     output_dir=str(tmp_path / "b")))
+    single = {p.path.rsplit("/", 1)[-1][:-4]: p.caption
+              for p in caption_photos(str(flickr_bundle), [str(p) for p in photos], weights=str(WEIGHTS))}
+
+    a = caption_rows(OutputDirectory(str(tmp_path / "a" / "captions"), S3Options()))
+    b = caption_rows(OutputDirectory(str(tmp_path / "b" / "captions"), S3Options()))
+    assert set(a) == set(b) == set(single) == {p.stem for p in photos}
+    assert from_images.captioned == 300 and from_images.failed == 0 and from_images.report.num_images == 300
+    differ = sorted(i for i in a if not a[i]["caption"] == b[i]["caption"] == single[i])
+    if differ:  # only float rounding may separate the paths: their features must agree to float32 precision
+        ours = load_features(tmp_path / "features").select(differ).features
+        pixels = np.stack([load_pixels((FLICKR / "Images" / f"{i}.jpg").read_bytes(), bundle.embedding.imaging())
+                           for i in differ])
+        direct = CnnEmbedder(bundle.embedding, str(WEIGHTS)).embed(pixels)
+        np.testing.assert_allclose(ours, direct, rtol=1e-4, atol=1e-4)
+    assert len(differ) <= 3, differ
+    # The bundle records how its features were made, and the features made from the images agree with the
+    # shared table the bundle was trained on.
+    assert json.loads((tmp_path / "features" / "_embedding.json").read_text()) == bundle.embedding.to_dict()
+    shared = load_features(FLICKR / "features_mobilenet_v2.npz").select(sorted(a))
+    ours = load_features(tmp_path / "features").select(sorted(a))
+    cosine = (shared.features * ours.features).sum(1) / (
+        np.linalg.norm(shared.features, axis=1) * np.linalg.norm(ours.features, axis=1))
+    assert cosine.min() > 0.999
+
+
+def tiny_bundle(directory) -> str:
+    """A real (untrained) merge decoder over `thumbnail` features: it captions deterministically."""
+    from imgcap.train import build_model
+
+    vocab = Vocabulary.build([["a", "red", "dog"], ["a", "blue", "cat"]], 1, "standard")
+    model = build_model(ModelConfig(embedding_dim=16, units=16), vocab, 768, seed=0)
+    bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6),
+                           EmbeddingSpec("thumbnail"))
+    return str(bundle.save(directory))
+
+
+def test_tar_gz_on_s3_to_s3_outputs_then_rerun_duplicates_nothing(ray_local, s3_server, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="bulk")
+    members = {f"batch/img{i:03d}.jpg": jpeg_bytes(seed=i, width=80, height=60) for i in range(40)}
+    members["batch/broken.jpg"] = b"not a jpeg"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    client.put_object(Bucket="bulk", Key="in/part-0000.tar.gz", Body=buffer.getvalue())
+    references = tmp_path / "captions.txt"  # Kaggle layout: image,caption
+    references.write_text("image,caption\n" + "".join(f"img{i:03d}.jpg,a red dog\n" for i in range(0, 40, 2)))
+
+    bundle = tiny_bundle(tmp_path / "bundle")  # the bundle is on S3 too: each caption actor fetches it
+    for path in sorted(Path(bundle).iterdir()):
+        client.put_object(Bucket="bulk", Key=f"bundles/tiny/{path.name}", Body=path.read_bytes())
+    config = CaptionJobConfig(bundle="s3://bulk/bundles/tiny",
+                              sources=[SourceConfig("s3://bulk/in/part-0000.tar.gz")], output_dir="s3://bulk/out/run1", references=str(references), rows_per_file=16,
+                              actors=1, cnn=CnnConfig(weights="none"), s3=S3Config(endpoint_url=s3_server))
+    first = run_caption_job(config)
+    assert (first.listed, first.skipped, first.captioned, first.failed, first.missing) == (41, 0, 40, 1, 0)
+    captions = OutputDirectory("s3://bulk/out/run1/captions", S3Options(endpoint_url=s3_server))
+    rows = caption_rows(captions)
+    assert rows["broken"]["caption"] is None and rows["broken"]["error"].startswith("not an image")
+    assert rows["img007"]["source"] == "s3://bulk/in/part-0000.tar.gz!batch/img007.jpg"
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket="bulk", Prefix="out/run1/")["Contents"]}
+    assert {"out/run1/report.parquet", "out/run1/scores.parquet", "out/run1/scores.json",
+            "out/run1/report.html"} <= keys
+    assert len([k for k in keys if k.startswith("out/run1/captions/")]) >= 3  # 41 rows, at most 16 per file
+    report = pq.read_table(io.BytesIO(client.get_object(Bucket="bulk", Key="out/run1/report.parquet")["Body"].read()))
+    assert report.num_rows == 20 and first.report.num_images == 20
+    html = client.get_object(Bucket="bulk", Key="out/run1/report.html")["Body"].read().decode()
+    assert html.count("data:image/jpeg;base64,") == 40 and "img039" in html
+
+    again = run_caption_job(config)  # the same command again: everything is done, nothing is duplicated
+    assert (again.listed, again.skipped, again.captioned, again.failed) == (41, 41, 0, 0)
+    assert caption_rows(captions) == rows
