@@ -16,10 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
-
-if TYPE_CHECKING:
-    from imgcap.embedding import EmbeddingSpec
+from typing import Any, Literal, TypeVar
 
 
 IdFrom = Literal["stem", "relpath", "uri"]
@@ -387,13 +384,6 @@ class ExtractConfig:
     def pool(self) -> ActorPoolConfig:
         """The CNN actor pool."""
         return ActorPoolConfig(self.actors, self.max_actors, self.cpus_per_actor, self.gpus_per_actor)
-
-    @property
-    def embedding(self) -> "EmbeddingSpec":
-        """How images become features (recorded next to the output, then in bundles trained on it)."""
-        from imgcap.embedding import EmbeddingSpec
-
-        return EmbeddingSpec(self.backbone, self.pooling, self.resize, self.resample, self.jpeg_draft)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from imgcap.captions import CaptionCorpus, deterministic_split, read_captions, read_split_file
 from imgcap.config import DataConfig, TextConfig
+from imgcap.embedding import EmbeddingSpec, read_embedding
 from imgcap.feature_table import FeatureTable, load_features
 from imgcap.text import PAD_ID, TextMode, Vocabulary, normalize
 
@@ -112,6 +113,7 @@ class TrainingData:
 
     vocab: Vocabulary
     features: FeatureTable  # train images first, then dev images
+    embedding: EmbeddingSpec | None  # how the features were made, when the features file records it
     train_ids: list[str]
     dev_ids: list[str]
     train: CaptionExamples
@@ -165,4 +167,5 @@ def prepare_training_data(data: DataConfig, text: TextConfig, vocab: Vocabulary 
         train=build_examples(train_tokens, rows, vocab, text.max_length),
         dev=build_examples(dev_tokens, rows, vocab, text.max_length),
         dev_references=dev_tokens,
+        embedding=read_embedding(data.features),
     )

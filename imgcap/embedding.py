@@ -67,6 +67,14 @@ class EmbeddingSpec:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def read_embedding(features: str | Path) -> EmbeddingSpec | None:
+    """The spec extraction recorded next to a features directory (None for other tables, e.g. an .npz)."""
+    recorded = Path(features) / EMBEDDING_FILE
+    if not recorded.is_file():
+        return None
+    return EmbeddingSpec.from_dict(json.loads(recorded.read_text(encoding="utf-8")))
+
+
 def check_gpus_visible(assigned: list, visible: list) -> None:
     """Fail loudly when Ray gave this process GPUs that TensorFlow cannot see (a CPU-only TensorFlow on a GPU
     node, missing CUDA libraries): silently running the CNN on the CPU would be many times slower."""

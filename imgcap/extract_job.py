@@ -81,7 +81,7 @@ def extract_features(config: ExtractConfig) -> ExtractionSummary:
     """Extract features of every image of `config.sources` not yet in `config.output_dir` (see the module
     docstring). Uses the running Ray cluster, or starts a local one."""
     started = time.perf_counter()
-    spec = config.embedding
+    spec = EmbeddingSpec(config.backbone, config.pooling, config.resize, config.resample, config.jpeg_draft)
     weights = resolve_weights(config.weights, config.weights_file)
     s3 = S3Options.from_config(config.s3)
     output = OutputDirectory(config.output_dir, s3)

@@ -2,14 +2,13 @@
 
 A feature table is one row per image: `image_id`, the `source` URI it came from, the `backbone` that made it,
 the `feature` vector (float32) and an `error` (null when the image was read and embedded). Two on-disk forms
-are read: Parquet (a file or a directory of files, as written by extraction, with the `EmbeddingSpec` that
-made them in ``_embedding.json``) and `.npz` with `ids` and `features` arrays (the shared Flickr8k form, which
-records nothing: training then takes the spec from its config).
+are read: Parquet (a file or a directory of files, as written by extraction, which records how the features
+were made next to them: see `imgcap.embedding.read_embedding`) and `.npz` with `ids` and `features` arrays (the
+shared Flickr8k form).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (registers pa.compute, used below and by load_features)
 import pyarrow.parquet as pq
 
-from imgcap.embedding import EMBEDDING_FILE, EmbeddingSpec
 
 FEATURE_SCHEMA = pa.schema(
     [
@@ -33,13 +31,11 @@ FEATURE_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class FeatureTable:
-    """Image ids, their source URIs and a [N, D] float32 feature matrix (rows with errors are dropped), and
-    how the features were made when the table records it."""
+    """Image ids, their source URIs and a [N, D] float32 feature matrix (rows with errors are dropped)."""
 
     ids: list[str]
     features: np.ndarray
     sources: list[str]
-    embedding: EmbeddingSpec | None = None
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.features) or len(self.ids) != len(self.sources):
@@ -60,7 +56,7 @@ class FeatureTable:
         if missing:
             raise KeyError(f"{len(missing)} image id(s) have no features, e.g. {missing[:3]}")
         rows = np.array([where[i] for i in ids], dtype=np.int64)
-        return FeatureTable(list(ids), self.features[rows], [self.sources[r] for r in rows], self.embedding)
+        return FeatureTable(list(ids), self.features[rows], [self.sources[r] for r in rows])
 
 
 def feature_matrix(column: pa.Array | pa.ChunkedArray, dim: int = -1) -> np.ndarray:
@@ -90,15 +86,7 @@ def load_features(path: str | Path) -> FeatureTable:
     ids = table["image_id"].to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate image ids in the feature table")
-    return FeatureTable(ids, feature_matrix(table["feature"]), table["source"].to_pylist(), read_embedding(path))
-
-
-def read_embedding(path: str | Path) -> EmbeddingSpec | None:
-    """The EmbeddingSpec recorded next to extraction's Parquet files (None for other tables)."""
-    recorded = Path(path) / EMBEDDING_FILE
-    if not recorded.is_file():
-        return None
-    return EmbeddingSpec.from_dict(json.loads(recorded.read_text(encoding="utf-8")))
+    return FeatureTable(ids, feature_matrix(table["feature"]), table["source"].to_pylist())
 
 
 def feature_rows(image_ids: list[str], sources: list[str], tag: str, features: np.ndarray,

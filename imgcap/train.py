@@ -371,7 +371,7 @@ def train_captioner(config: TrainJobConfig, progress: bool | None = None) -> Tra
 def training_embedding(config: TrainJobConfig, data: TrainingData) -> EmbeddingSpec | None:
     """How the training features were made: as extraction recorded it next to Parquet features, else (an
     .npz records nothing) `data.backbone` with the extraction defaults; None when neither says."""
-    recorded = data.features.embedding
+    recorded = data.embedding
     if recorded is not None:
         if config.data.backbone and config.data.backbone != recorded.tag:
             log.warning("data.backbone = %r but %s were made with %r: the bundle records %r",

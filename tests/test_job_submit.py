@@ -204,7 +204,7 @@ def caption_inputs(tmp_path_factory) -> CaptionInputs:
     quiet_tensorflow()  # before the first TensorFlow import (below), as the jobs do
     from imgcap.bundle import CaptionBundle
     from imgcap.embedding import EmbeddingSpec
-        from imgcap.train import build_model
+    from imgcap.train import build_model
 
     work = tmp_path_factory.mktemp("caption_inputs")
     captions = ["A dog runs on the grass.", "A red car is parked.", "Two children play with a ball."]
