@@ -31,7 +31,7 @@ from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, config_from_dict, config_to_dict
 from imgcap.embedding import EmbeddingSpec
 from imgcap.model import CaptionEnsemble, CaptionModel
-from imgcap.sources import S3Options, output_filesystem
+from imgcap.sources import S3Options, filesystem_for
 from imgcap.text import Vocabulary
 
 BUNDLE_FORMAT = "imgcap-bundle/1"
@@ -135,7 +135,7 @@ def load_bundle(directory: str | Path, s3: S3Options | None = None) -> CaptionBu
 def fetch_bundle(uri: str, s3: S3Options) -> Path:
     """A local copy of the bundle at `uri` (every caption actor of a cluster job fetches its own, so the bundle
     needs no shared filesystem); kept for the life of the process."""
-    filesystem, path = output_filesystem(uri, s3)
+    filesystem, path = filesystem_for(uri, s3)
     if filesystem.get_file_info(f"{path}/{_META}").type != pafs.FileType.File:
         raise FileNotFoundError(f"{uri} is not a model bundle: {_META} is missing")
     local = Path(tempfile.mkdtemp(prefix="imgcap-bundle-"))

@@ -41,7 +41,7 @@ from imgcap.feature_table import FEATURE_SCHEMA, feature_matrix, feature_rows, l
 from imgcap.imaging import pixels_dataset
 from imgcap.runtime import actor_pool_args, check_gpus_schedulable, init_ray
 from imgcap.sinks import CAPTION_SCHEMA, INCOMPLETE_DIR, OutputDirectory, reference_rows, thumbnails_of, write_report
-from imgcap.sources import S3Options, list_images, output_filesystem
+from imgcap.sources import S3Options, list_images, filesystem_for
 from imgcap.text import normalize
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def _features_dataset(config: CaptionJobConfig, bundle: "CaptionBundle", done: s
         table = load_features(config.features)  # an .npz does not say which backbone made it
         rows = feature_rows(table.ids, table.sources, "", table.features, [""] * len(table.ids))
     else:
-        filesystem, path = output_filesystem(config.features, s3)
+        filesystem, path = filesystem_for(config.features, s3)
         rows = pq.read_table(path, columns=FEATURE_SCHEMA.names, filesystem=filesystem)
         found = set(pc.unique(rows["backbone"]).to_pylist()) - {None}
         if bundle.backbone and found and found != {bundle.backbone}:

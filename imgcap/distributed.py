@@ -132,7 +132,7 @@ import numpy as np
 
 from imgcap.config import ConfigError, TrainJobConfig, config_from_dict, config_to_dict
 from imgcap.runtime import cluster_can_grow, quiet_tensorflow
-from imgcap.sources import S3Options, output_filesystem
+from imgcap.sources import S3Options, filesystem_for
 from imgcap.text import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def _is_local(path: str | None) -> bool:
 
 def _resolve_filesystem(location: str, endpoint_url: str | None = None) -> tuple[Any, str]:
     """(pyarrow filesystem, path on it) of a local path or a URI; `endpoint_url`: an S3-compatible store."""
-    return output_filesystem(location.split("?", 1)[0], S3Options(endpoint_url=endpoint_url))
+    return filesystem_for(location.split("?", 1)[0], S3Options(endpoint_url=endpoint_url))
 
 
 def _exists(filesystem: Any, path: str, kind: str = "any") -> bool:

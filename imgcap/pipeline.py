@@ -6,8 +6,9 @@ One config (see configs/demo.toml) drives the four stages, each the same code it
    otherwise ``images``, ``captions`` and the split files name real data;
 2. features: `imgcap.extract_job.extract_features` (Ray Data, CNN actor pool) -> ``work_dir/features``;
 3. training: Ray Train trains the decoder data-parallel on the train split -> ``work_dir/train/bundle``;
-4. captions: `imgcap.caption_job.run_caption_job` (Ray Data, bundle actors) captions the dev split ->
-   ``work_dir/captions`` with the BLEU report.
+4. captions: the bulk captioning job, `imgcap.caption_job.run_caption_job`, captions the dev split's images
+   (read, CNN and decoder on Ray Data, as the bundle records) -> ``work_dir/captions`` with the BLEU report
+   and the HTML contact sheet.
 
 Paths that connect the stages are filled in by the pipeline; every stage config is validated when the
 pipeline config is loaded, before any stage runs.
@@ -91,8 +92,12 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
                                             dev_split=dev_split, backbone=extract.get("backbone", "mobilenet_v2"))
         train["output_dir"] = str(work_dir / "train")
         caption = copy.deepcopy(table.get("caption", {}))
-        caption.update(bundle=str(work_dir / "train" / "bundle"), features=features, references=captions,
+        caption.update(bundle=str(work_dir / "train" / "bundle"), sources=[{"path": images}], references=captions,
                        split=dev_split, output_dir=str(work_dir / "captions"))
+        cnn = caption.setdefault("cnn", {})  # the CNN weights extraction used (the bundle names the backbone)
+        for key in ("weights", "weights_file"):
+            if key in extract:
+                cnn.setdefault(key, extract[key])
         return PipelineConfig(
             work_dir=work_dir, demo_images=demo_images, demo_seed=int(table.get("demo_seed", 0)),
             extract=_stage_config("extract", ExtractConfig, extract, base),

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from imgcap.evaluate import EvaluationReport, nltk_sentence_bleu
-from imgcap.sources import S3Options, output_filesystem
+from imgcap.sources import S3Options, filesystem_for
 
 INCOMPLETE_DIR = "_incomplete"  # where unreadable Parquet files of an interrupted run are moved
 _FAILURE_EXAMPLES = 5
@@ -65,7 +65,7 @@ class OutputDirectory:
 
     def __init__(self, uri: str, s3: S3Options) -> None:
         self.uri = uri
-        self.filesystem, self.path = output_filesystem(uri, s3)
+        self.filesystem, self.path = filesystem_for(uri, s3)
 
     def files(self) -> list[str]:
         selector = pafs.FileSelector(self.path, allow_not_found=True)

@@ -27,18 +27,21 @@ Image ids (`id_from`) are the file name without its extension (`"stem"`: `100026
 or the whole source URI (`"uri"`: unique across sources, archives included). Two images with the same id are
 a `SourceError` naming both, never a silent drop.
 
-Outputs go through `output_filesystem`: a local path or any URI pyarrow knows (`s3://`, `gs://`, ...), with
-the S3 options below applied to `s3://`.
+All bytes, read or written, go through `pyarrow.fs` (`filesystem_for`): a local path or any URI pyarrow
+knows (`s3://`, `gs://`, ...), with the S3 options below applied to `s3://`. pyarrow does the S3 listing,
+ranged reads (archive members) and writes; this module adds what it lacks: telling directories, list files,
+images and archives apart, reading archive members in place, image ids, and sharding reads into tasks.
 
-S3 access uses boto3 the usual way: credentials from the environment / shared config / instance role,
-`AWS_PROFILE` or the `profile` option, `AWS_ENDPOINT_URL` or the `endpoint_url` option for S3-compatible
-stores (MinIO, Ceph, moto), and `anonymous = true` for public buckets.
+S3 access uses the AWS SDK's usual sources: credentials from the environment / shared config / instance
+role, `AWS_PROFILE` or the `profile` option, `AWS_ENDPOINT_URL` or the `endpoint_url` option for
+S3-compatible stores (MinIO, Ceph, moto), and `anonymous = true` for public buckets.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import os
 import posixpath
@@ -64,7 +67,7 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class S3Options:
-    """How to reach S3; every field None/False means boto3's defaults (env, profile, instance role)."""
+    """How to reach S3; every field None/False means the AWS SDK's defaults (env, profile, instance role)."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -75,36 +78,6 @@ class S3Options:
     def from_config(cls, config: Any) -> "S3Options":
         """From a job's `[s3]` table (imgcap.config.S3Config)."""
         return cls(config.endpoint_url, config.region, config.profile, config.anonymous)
-
-
-def output_filesystem(uri: str, options: S3Options) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) of a local path or a URI, for writing and resuming outputs.
-
-    `s3://` gets an S3FileSystem with `options` applied (pyarrow's own URI parsing knows neither a custom
-    endpoint nor a profile): the endpoint from `options` or AWS_ENDPOINT_URL(_S3), a profile's credentials
-    resolved through boto3, otherwise the AWS SDK's default chain on every node (env, instance role).
-    """
-    import pyarrow.fs as pafs
-
-    if not uri.startswith("s3://"):
-        if "://" in uri:
-            return pafs.FileSystem.from_uri(uri)
-        return pafs.LocalFileSystem(), str(Path(uri).resolve())
-    endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"anonymous": options.anonymous}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region or endpoint:  # S3-compatible stores ignore the region; pyarrow would otherwise ask AWS for it
-        kwargs["region"] = region or "us-east-1"
-    if options.profile:
-        import boto3
-
-        credentials = boto3.session.Session(profile_name=options.profile).get_credentials().get_frozen_credentials()
-        kwargs.update(access_key=credentials.access_key, secret_key=credentials.secret_key,
-                      session_token=credentials.token)
-    return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -148,26 +121,53 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client(options: S3Options) -> Any:
-    """A boto3 S3 client; an explicit endpoint/profile/region wins over the environment's."""
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(options: S3Options) -> Any:
+    """One pyarrow S3FileSystem per process and options (the AWS SDK behind it is set up once).
 
-    session = boto3.session.Session(profile_name=options.profile, region_name=options.region)
-    config = Config(signature_version=UNSIGNED) if options.anonymous else None
-    return session.client("s3", endpoint_url=options.endpoint_url, config=config)
+    pyarrow's own URI parsing knows neither a custom endpoint nor a profile: the endpoint comes from `options`
+    or AWS_ENDPOINT_URL(_S3), a profile's credentials are resolved through boto3, and otherwise the AWS SDK's
+    default chain runs on every node (env, instance role).
+    """
+    import pyarrow.fs as pafs
+
+    endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {"anonymous": options.anonymous}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:  # S3-compatible stores ignore the region; pyarrow would otherwise ask AWS for it
+        kwargs["region"] = region or "us-east-1"
+    if options.profile:
+        import boto3
+
+        credentials = boto3.session.Session(profile_name=options.profile).get_credentials().get_frozen_credentials()
+        kwargs.update(access_key=credentials.access_key, secret_key=credentials.secret_key,
+                      session_token=credentials.token)
+    return pafs.S3FileSystem(**kwargs)
 
 
-class _S3RangeFile(io.RawIOBase):
-    """A read-only, seekable file over one S3 object, fetching byte ranges on demand (for zip central
-    directories and tar members, so an archive is never downloaded whole to read part of it)."""
+def filesystem_for(uri: str, options: S3Options) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) of a local path or a URI, for reading sources and for writing and
+    resuming outputs: `s3://` with `options` applied, other URIs as pyarrow knows them (`gs://`, `hdfs://`)."""
+    import pyarrow.fs as pafs
 
-    def __init__(self, client: Any, bucket: str, key: str) -> None:
+    if uri.startswith("s3://"):
+        split_s3_uri(uri)  # a clear error for a URI without a bucket
+        return _s3_filesystem(options), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+class _RandomAccessFile(io.RawIOBase):
+    """A pyarrow random-access file under the `io` contract that `zipfile` relies on: pyarrow reports a seek
+    before the start as ArrowInvalid, where zipfile expects OSError (it probes short files that way)."""
+
+    def __init__(self, native: Any) -> None:
         super().__init__()
-        self._client, self._bucket, self._key = client, bucket, key
-        self._size = int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        self._pos = 0
+        self._native = native
 
     def readable(self) -> bool:
         return True
@@ -175,57 +175,48 @@ class _S3RangeFile(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
-    def tell(self) -> int:
-        return self._pos
-
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+        import pyarrow as pa
+
+        try:
+            return self._native.seek(offset, whence)
+        except pa.ArrowInvalid as exc:
+            raise OSError(f"invalid seek: {exc}") from None
+
+    def tell(self) -> int:
+        return self._native.tell()
 
     def readinto(self, buffer: Any) -> int:
-        count = min(len(buffer), self._size - self._pos)
-        if count <= 0:
-            return 0
-        end = self._pos + count - 1
-        body = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={self._pos}-{end}")
-        data = body["Body"].read()
-        buffer[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        return self._native.readinto(buffer)
+
+    def close(self) -> None:
+        self._native.close()
+        super().close()
 
 
-def open_random_access(location: str, options: S3Options, client: Any = None) -> IO[bytes]:
-    """A seekable binary file for a local path or an `s3://` object (read by ranges, 1 MiB buffered)."""
-    if location.startswith("s3://"):
-        bucket, key = split_s3_uri(location)
-        raw = _S3RangeFile(client or s3_client(options), bucket, key)
-        return io.BufferedReader(raw, buffer_size=1 << 20)
-    return open(location, "rb")
+def open_random_access(location: str, options: S3Options) -> IO[bytes]:
+    """A seekable binary file for a local path or a URI, read by ranges through a 1 MiB buffer (zip central
+    directories and tar members are read without downloading the whole archive)."""
+    filesystem, path = filesystem_for(location, options)
+    return io.BufferedReader(_RandomAccessFile(filesystem.open_input_file(path)), buffer_size=1 << 20)
 
 
-def open_stream(location: str, options: S3Options, client: Any = None) -> IO[bytes]:
-    """A sequential binary stream for a local path or an `s3://` object (one GET, read as it arrives)."""
-    if location.startswith("s3://"):
-        bucket, key = split_s3_uri(location)
-        return (client or s3_client(options)).get_object(Bucket=bucket, Key=key)["Body"]
-    return open(location, "rb")
+def open_stream(location: str, options: S3Options) -> IO[bytes]:
+    """A sequential binary stream for a local path or a URI (one request, read as it arrives)."""
+    filesystem, path = filesystem_for(location, options)
+    return filesystem.open_input_stream(path, compression=None)  # the bytes as stored: no .gz detection
 
 
-def read_range(location: str, options: S3Options, offset: int | None = None, size: int | None = None,
-               client: Any = None) -> bytes:
-    """The bytes of a whole local file / S3 object, or of `size` bytes at `offset` within it."""
-    if location.startswith("s3://"):
-        bucket, key = split_s3_uri(location)
-        if offset is not None and not size:
-            return b""
-        kwargs = {"Range": f"bytes={offset}-{offset + size - 1}"} if offset is not None else {}
-        return (client or s3_client(options)).get_object(Bucket=bucket, Key=key, **kwargs)["Body"].read()
-    with open(location, "rb") as handle:
-        if offset is None:
-            return handle.read()
-        handle.seek(offset)
-        return handle.read(size)
+def read_range(location: str, options: S3Options, offset: int | None = None, size: int | None = None) -> bytes:
+    """The bytes of a whole file / object, or of `size` bytes at `offset` within it."""
+    filesystem, path = filesystem_for(location, options)
+    if offset is None:
+        with filesystem.open_input_stream(path, compression=None) as stream:
+            return stream.read()
+    if not size:
+        return b""
+    with filesystem.open_input_file(path) as handle:
+        return handle.read_at(size, offset)
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -257,30 +248,30 @@ def _join(base: str, relative: str) -> str:
     return str(Path(base, relative).resolve())
 
 
-def _is_compressed(location: str, options: S3Options, client: Any) -> bool:
-    with contextlib.closing(open_stream(location, options, client)) as head:
+def _is_compressed(location: str, options: S3Options) -> bool:
+    with open_stream(location, options) as head:
         magic = head.read(6)
     return magic.startswith(_COMPRESSED_MAGIC)
 
 
 def list_archive(location: str, options: S3Options, id_from: str = "stem",
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, client: Any = None) -> list[ImageRef]:
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[ImageRef]:
     """Image members of a tar / tar.gz / zip archive (local or S3), in archive order."""
     refs = []
     try:
         if location.lower().endswith(".zip"):
-            with open_random_access(location, options, client) as handle, zipfile.ZipFile(handle) as archive:
+            with open_random_access(location, options) as handle, zipfile.ZipFile(handle) as archive:
                 for info in archive.infolist():
                     if not info.is_dir() and _is_image_name(info.filename, extensions) \
                             and not info.filename.startswith("__MACOSX/"):
                         refs.append(ImageRef(_image_id(info.filename, id_from, f"{location}!{info.filename}"), f"{location}!{info.filename}",
                                              location, member=info.filename, mode="zip"))
             return refs
-        compressed = _is_compressed(location, options, client)
+        compressed = _is_compressed(location, options)
         # Local archives are opened seekable, so listing an uncompressed tar skips member data.
         with contextlib.ExitStack() as stack:
             if location.startswith("s3://"):
-                stream = stack.enter_context(contextlib.closing(open_stream(location, options, client)))
+                stream = stack.enter_context(open_stream(location, options))
                 archive = stack.enter_context(tarfile.open(fileobj=stream, mode="r|*"))
             else:
                 archive = stack.enter_context(tarfile.open(location, "r:*"))
@@ -308,27 +299,29 @@ def _list_directory(root: Path, recursive: bool, extensions: Sequence[str], incl
 
 
 def _list_s3_prefix(uri: str, recursive: bool, extensions: Sequence[str], include_archives: bool,
-                    id_from: str, options: S3Options, client: Any) -> Iterator[ImageRef]:
-    bucket, prefix = split_s3_uri(uri)
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    kwargs = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
+                    id_from: str, options: S3Options) -> Iterator[ImageRef]:
+    import pyarrow.fs as pafs
+
+    filesystem, root = filesystem_for(uri, options)
+    bucket = root.split("/", 1)[0]
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(**kwargs):
-            for obj in page.get("Contents", []):
-                key, location = obj["Key"], f"s3://{bucket}/{obj['Key']}"
-                if include_archives and _is_archive(key):
-                    yield from list_archive(location, options, id_from, extensions, client)
-                elif _is_image_name(key, extensions):
-                    yield ImageRef(_image_id(key[len(prefix):], id_from, location), location, location)
-    except Exception as exc:  # botocore's errors share no base class worth naming; report which source failed
-        raise SourceError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
+        # An empty prefix lists nothing, but a missing bucket is a mistake to name, not an empty source.
+        if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise SourceError(f"cannot list {uri}: bucket {bucket!r} does not exist")
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+    except OSError as exc:  # access denied, unreachable endpoint
+        raise SourceError(f"cannot list {uri}: {exc}") from exc
+    for info in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
+        location = f"s3://{info.path}"
+        if include_archives and _is_archive(info.path):
+            yield from list_archive(location, options, id_from, extensions)
+        elif _is_image_name(info.path, extensions):
+            yield ImageRef(_image_id(info.path[len(root) + 1:], id_from, location), location, location)
 
 
-def _list_file(path: str, options: S3Options, id_from: str, extensions: Sequence[str],
-               client: Any) -> Iterator[ImageRef]:
+def _list_file(path: str, options: S3Options, id_from: str, extensions: Sequence[str]) -> Iterator[ImageRef]:
     try:
-        text = read_range(path, options, client=client).decode("utf-8")
+        text = read_range(path, options).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"cannot read list file {path}: {exc}") from exc
     base = posixpath.dirname(path) if path.startswith("s3://") else str(Path(path).parent)
@@ -338,25 +331,23 @@ def _list_file(path: str, options: S3Options, id_from: str, extensions: Sequence
             continue
         target = _join(base, line)
         if _is_archive(target):
-            yield from list_archive(target, options, id_from, extensions, client)
+            yield from list_archive(target, options, id_from, extensions)
         else:
             yield ImageRef(_image_id(line, id_from, target), target, target)
 
 
 def list_source(path: str, options: S3Options, *, recursive: bool = True, include_archives: bool = False,
-                extensions: Sequence[str] = IMAGE_EXTENSIONS, id_from: str = "stem",
-                client: Any = None) -> list[ImageRef]:
+                extensions: Sequence[str] = IMAGE_EXTENSIONS, id_from: str = "stem") -> list[ImageRef]:
     """Every image of one source (see the module docstring for how `path` is interpreted)."""
     extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     if path.startswith("s3://"):
-        client = client or s3_client(options)
         if _is_archive(path):
-            return list_archive(path, options, id_from, extensions, client)
+            return list_archive(path, options, id_from, extensions)
         if path.lower().endswith(LIST_SUFFIXES):
-            return list(_list_file(path, options, id_from, extensions, client))
+            return list(_list_file(path, options, id_from, extensions))
         if path.lower().endswith(extensions):
             return [ImageRef(_image_id(posixpath.basename(path), id_from, path), path, path)]
-        return list(_list_s3_prefix(path, recursive, extensions, include_archives, id_from, options, client))
+        return list(_list_s3_prefix(path, recursive, extensions, include_archives, id_from, options))
     local = Path(path)
     if local.is_dir():
         return list(_list_directory(local, recursive, extensions, include_archives, id_from, options))
@@ -365,7 +356,7 @@ def list_source(path: str, options: S3Options, *, recursive: bool = True, includ
     if _is_archive(path):
         return list_archive(path, options, id_from, extensions)
     if path.lower().endswith(LIST_SUFFIXES):
-        return list(_list_file(str(local.resolve()), options, id_from, extensions, client))
+        return list(_list_file(str(local.resolve()), options, id_from, extensions))
     if path.lower().endswith(extensions):
         return [ImageRef(_image_id(local.name, id_from, path), path, path)]
     raise SourceError(f"cannot tell what {path} is: expected a directory, an archive ({', '.join(ARCHIVE_SUFFIXES)}),"
@@ -432,7 +423,6 @@ def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> It
     """Read the bytes of every image of a shard, `chunk` images at a time. Never raises for a bad image or a
     bad archive: those become RawImage rows with `data=None` and an error message."""
     refs = [ImageRef(*fields, mode=shard["mode"]) for fields in zip(*(shard[name] for name in _SHARD_FIELDS))]
-    client = s3_client(options) if any(r.location.startswith("s3://") for r in refs) else None
     out: list[RawImage] = []
     emitted: set[str] = set()
 
@@ -446,14 +436,14 @@ def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> It
     if shard["mode"] == "files":
         for ref in refs:
             try:
-                data = read_range(ref.location, options, ref.offset, ref.size, client)
+                data = read_range(ref.location, options, ref.offset, ref.size)
             except Exception as exc:  # any failure to read one file is that image's error row
                 yield from emit(ref, None, _error_text(exc))
             else:
                 yield from emit(ref, data)
     elif shard["mode"] == "zip":
         try:
-            with open_random_access(refs[0].location, options, client) as handle, \
+            with open_random_access(refs[0].location, options) as handle, \
                     zipfile.ZipFile(handle) as archive:
                 for ref in refs:
                     try:
@@ -469,7 +459,7 @@ def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> It
     else:
         wanted = {ref.member: ref for ref in refs}
         try:
-            with contextlib.closing(open_stream(refs[0].location, options, client)) as stream, \
+            with open_stream(refs[0].location, options) as stream, \
                     tarfile.open(fileobj=stream, mode="r|*") as archive:
                 for member in archive:
                     ref = wanted.pop(member.name, None)

@@ -114,7 +114,7 @@ def test_missing_objects_and_buckets(s3_server, bucket):
     options = S3Options(endpoint_url=s3_server)
     missing = list_source(f"s3://{BUCKET}/photos/gone.jpg", options)  # a single key is not checked up front
     (data, error), = read_all(missing, options).values()
-    assert data is None and error.startswith("unreadable:") and "NoSuchKey" in error
+    assert data is None and error.startswith("unreadable: FileNotFoundError") and "photos/gone.jpg" in error
     with pytest.raises(SourceError, match="cannot list s3://no-such-bucket/x"):
         list_source("s3://no-such-bucket/x", options)
 
