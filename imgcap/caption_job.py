@@ -39,7 +39,7 @@ from imgcap.embedding import resolve_weights
 from imgcap.evaluate import EvaluationReport, coco_available, evaluate_captions
 from imgcap.feature_table import FEATURE_SCHEMA, feature_matrix, feature_rows, load_features
 from imgcap.imaging import pixels_dataset
-from imgcap.runtime import actor_pool_args, check_gpus_schedulable, init_ray
+from imgcap.runtime import actor_pool_args, check_gpus_schedulable, import_tensorflow, init_ray
 from imgcap.sinks import CAPTION_SCHEMA, INCOMPLETE_DIR, OutputDirectory, reference_rows, thumbnails_of, write_report
 from imgcap.sources import S3Options, list_images, filesystem_for
 from imgcap.text import normalize
@@ -59,9 +59,9 @@ class BundleCaptioner:
     unpickling this class does not pay TensorFlow's import before `quiet_tensorflow`."""
 
     def __init__(self, bundle_dir: str, decode: DecodeConfig, s3: S3Options) -> None:
-        from imgcap.runtime import quiet_tensorflow
+        from imgcap.runtime import import_tensorflow
 
-        quiet_tensorflow()
+        import_tensorflow()  # before the bundle module imports it: no CPU banners
         from imgcap.bundle import load_bundle
 
         self.bundle = load_bundle(bundle_dir, s3)
@@ -215,6 +215,7 @@ def _references(config: CaptionJobConfig, bundle: "CaptionBundle") -> dict[str, 
 def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
     """Caption every input image not yet in ``config.output_dir``; score against references; write the reports
     and the contact sheet (see the module docstring). Uses the running Ray cluster, or starts a local one."""
+    import_tensorflow()
     from imgcap.bundle import load_bundle
 
     started = time.perf_counter()
@@ -292,6 +293,7 @@ def caption_photos(bundle_dir: str, photos: list[str], weights: str | None = "im
     `weights` are the backbone's: "imagenet", a weights file, or None."""
     from pathlib import Path
 
+    import_tensorflow()
     from imgcap.bundle import load_bundle
     from imgcap.embedding import CnnEmbedder
     from imgcap.imaging import ImageError, load_pixels

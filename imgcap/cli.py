@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from imgcap.backbones import BackboneError
 from imgcap.captions import CaptionFormatError
 from imgcap.config import ConfigError, load_config
-from imgcap.runtime import init_ray, quiet_tensorflow, setup_logging
+from imgcap.runtime import import_tensorflow, init_ray, quiet_tensorflow, setup_logging
 from imgcap.sources import SourceError
 
 T = TypeVar("T")
@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("bundles", nargs="+", help="bundle directories")
         parser.add_argument("--out", required=True, help="directory of the ensemble bundle")
         args = parser.parse_args(rest)
+        import_tensorflow()
         from imgcap.bundle import combine_bundles, load_bundle
 
         combined = combine_bundles([load_bundle(b) for b in args.bundles]).save(args.out)
@@ -143,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_config_job(ExtractConfig, extract_features, rest, commands[command])
     if command == "train":
         from imgcap.config import TrainJobConfig
+        import_tensorflow()
         from imgcap.train import train_captioner
 
         return run_config_job(TrainJobConfig, train_captioner, rest, commands[command], uses_ray=False)

@@ -131,7 +131,7 @@ from typing import Any
 import numpy as np
 
 from imgcap.config import ConfigError, TrainJobConfig, config_from_dict, config_to_dict
-from imgcap.runtime import cluster_can_grow, quiet_tensorflow
+from imgcap.runtime import cluster_can_grow, import_tensorflow
 from imgcap.sources import S3Options, filesystem_for
 from imgcap.text import Vocabulary
 
@@ -332,9 +332,8 @@ def _fail_once_hook(spec: str | None, epoch: int, rank: int, world_size: int):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: its shard, MultiWorkerMirroredStrategy, the shared epoch loop, per-epoch report."""
-    quiet_tensorflow()
+    tf = import_tensorflow()  # before the imports below bring it in: no CPU banners
     import ray.train
-    import tensorflow as tf
 
     from imgcap.dataset import prepare_training_data
     from imgcap.train import CaptionTrainer, EpochMetrics, build_model, run_epoch, selection_score
@@ -744,6 +743,7 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     ``<output_dir>/ray_results/train-<output_dir name>-<hash>``). Run again, the job continues that run, or
     only rewrites the outputs when the run has finished (see the module docstring).
     """
+    import_tensorflow()  # ray.train.tensorflow and imgcap.train import it: without CPU banners
     import ray
     from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer

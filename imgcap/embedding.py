@@ -92,11 +92,9 @@ class CnnEmbedder:
     """
 
     def __init__(self, spec: EmbeddingSpec, weights: str | None, on_ray: bool = False) -> None:
-        from imgcap.runtime import quiet_tensorflow
+        from imgcap.runtime import import_tensorflow
 
-        quiet_tensorflow()  # before TensorFlow's first import in this process
-        import tensorflow as tf
-
+        tf = import_tensorflow()  # before anything imports TensorFlow in this process: no CPU banners
         from imgcap.backbones import build_backbone, get_backbone
 
         gpus = tf.config.list_physical_devices("GPU")

@@ -1,10 +1,11 @@
 """Process set-up shared by every job: quiet TensorFlow logs and one way to attach to Ray.
 
 `quiet_tensorflow` must run before TensorFlow is first imported: TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL``
-once, at import, and prints its CUDA / oneDNN banners then. The job scripts in ``jobs/`` call it before they
-import anything of imgcap, and the Ray actors and train workers call it before their lazy TensorFlow import,
-so a CPU machine prints no CUDA banner. Setting an already-set variable is left to the user
-(``TF_CPP_MIN_LOG_LEVEL=0`` brings the banners back).
+once, at import. The job scripts in ``jobs/`` call it before they import anything of imgcap. Since 2.19
+TensorFlow logs its CUDA / oneDNN start-up banners through absl, which ignores that variable, so
+`import_tensorflow` imports it with those lines filtered out of stderr; imgcap's drivers, Ray actors and train
+workers import TensorFlow through it, so a CPU machine prints no CUDA banner. An already-set variable is
+left to the user (``TF_CPP_MIN_LOG_LEVEL=0``).
 
 `init_ray` is the only place imgcap starts or attaches to Ray; library functions call it (never a bare
 ``ray.init()``) so the same code runs under ``ray job submit`` (``RAY_ADDRESS`` set by the job server), on a
@@ -13,9 +14,13 @@ cluster node, or on a laptop, where it starts a local Ray.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,6 +37,51 @@ def quiet_tensorflow() -> None:
     """Keep TensorFlow's import-time C++ banners out of job logs (a no-op for variables already set)."""
     for key, value in QUIET_TF_ENV.items():
         os.environ.setdefault(key, value)
+
+
+# What TensorFlow prints on a machine without a GPU when it is first imported and first asked for devices.
+# Since 2.19 it logs these through absl, which ignores TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442), so
+# they are filtered out of stderr around the import instead; every other line still reaches stderr.
+_TF_CPU_BANNERS = ("Could not find cuda drivers", "oneDNN custom operations are on", "absl::InitializeLog()",
+                   "failed call to cuInit", "To enable the following instructions",
+                   "rebuild TensorFlow with the appropriate compiler flags", "Unable to register cu")
+
+
+@contextlib.contextmanager
+def _stderr_without(banners: tuple[str, ...]) -> Iterator[None]:
+    """Capture file descriptor 2 (C++ writes there, not to sys.stderr) and re-emit it minus lines that hold
+    one of `banners`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode("utf-8", errors="replace").splitlines(keepends=True):
+                if not any(banner in line for banner in banners):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def import_tensorflow() -> Any:
+    """TensorFlow, imported (the first time in this process) without its CPU-machine start-up banners.
+
+    Called where imgcap first needs TensorFlow in a process (the jobs' drivers, the Ray actors and train
+    workers), before any module that imports it at top level.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    quiet_tensorflow()
+    with _stderr_without(_TF_CPU_BANNERS):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # the CUDA probe logs on the first device query
+    return tf
 
 
 def setup_logging() -> None:
