@@ -68,9 +68,9 @@ Fault tolerance, reruns and resume:
   ``ray.resume_from`` is ignored.
 
 Storage: ``ray.storage_path`` is a local directory (default ``<output_dir>/ray_results``; on a multi-node
-cluster a shared one) or any pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``; see
-``pyarrow.fs.FileSystem.from_uri``). ``ray.storage_endpoint_url`` names an S3-compatible endpoint (MinIO, Ceph,
-moto); pyarrow also honours ``AWS_ENDPOINT_URL``. The driver resolves the filesystem once, checks that the run
+cluster a shared one) or any pyarrow filesystem URI (``s3://bucket/prefix``, ``gs://...``), resolved as every
+imgcap output is (`imgcap.sources.filesystem_for`). ``ray.storage_endpoint_url`` names an S3-compatible
+endpoint (MinIO, Ceph, moto), as does ``AWS_ENDPOINT_URL``. The driver resolves the filesystem once, checks that the run
 directory is reachable and writable (a probe object written and deleted; for a local path nothing is created
 before the config is known to be valid), reads existing runs and checkpoints through it, and hands it to
 Ray Train as ``RunConfig(storage_filesystem=...)`` with the prefix-stripped path (what V2's
