@@ -10,8 +10,9 @@ recorded in the bundle, so a bundle captions new photos exactly as its training 
 actor then decodes the captions (`ImageCaptioner`) rather than a second pool of caption actors: every actor
 of a pool holds its CPUs (and GPU) for the whole job, so two pools plus the read tasks need at least three
 CPUs and stall on a 2-CPU machine (seen here: "3/2 CPU" requested, nothing running); a feature never leaves
-the actor that made it; and caption decoding is a small share of an image's time next to the CNN
-(benchmarks/bench_caption_images.py), so it gains little from scaling apart. On a GPU node the decoder runs
+the actor that made it; and caption decoding is about 6% of an image's time next to the CNN, so it gains
+little from scaling apart (benchmarks/bench_caption_images.py: one actor 94% of the raw CNN rate in steady
+state, two half-CPU pools 81%, within the run-to-run noise end to end). On a GPU node the decoder runs
 on the actor's GPU too. A features table is captioned by a pool of caption actors alone (`BundleCaptioner`).
 
 One row per input image, always: images that cannot be read or embedded keep their error and get no caption.
