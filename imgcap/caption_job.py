@@ -234,7 +234,7 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
     seconds = time.perf_counter() - started
 
     outputs = {"captions": captions_out.uri}
-    table = captions_out.read(columns=[n for n in CAPTION_SCHEMA.names if n != "thumbnail"])
+    table = captions_out.read(CAPTION_SCHEMA, columns=[n for n in CAPTION_SCHEMA.names if n != "thumbnail"])
     report = None
     scored = None
     if references is not None:

@@ -122,13 +122,14 @@ class OutputDirectory:
             failures += list(zip(examples["image_id"].to_pylist(), examples["error"].to_pylist()))
         return WrittenRows(len(written), ok, failed, tuple(failures))
 
-    def read(self, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-        """Every row written so far (all runs), or an empty table of `schema`."""
+    def read(self, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+        """Every row written so far (all runs) as `schema` (`columns` only, when given); empty if none."""
         files = self.files()
         if not files:
-            return (schema or pa.schema([])).empty_table()
-        tables = [pq.read_table(f, columns=columns, filesystem=self.filesystem) for f in files]
-        return pa.concat_tables([t.cast(schema) if schema is not None and columns is None else t for t in tables])
+            empty = schema.empty_table()
+            return empty.select(columns) if columns else empty
+        return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema, filesystem=self.filesystem)
+                                 for f in files])
 
     def write_file(self, name: str, data: bytes) -> str:
         """Write one whole file next to the Parquet files (a sidecar); returns its path in the filesystem."""

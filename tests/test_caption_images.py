@@ -33,7 +33,7 @@ from imgcap.embedding import CnnEmbedder, EmbeddingSpec
 from imgcap.extract_job import extract_features
 from imgcap.feature_table import load_features
 from imgcap.imaging import load_pixels
-from imgcap.sinks import OutputDirectory
+from imgcap.sinks import CAPTION_SCHEMA, OutputDirectory
 from imgcap.sources import S3Options
 from imgcap.text import Vocabulary
 
@@ -45,7 +45,7 @@ needs_shared = pytest.mark.skipif(not (FLICKR / "Images").is_dir() or not WEIGHT
 
 def caption_rows(output: OutputDirectory) -> dict[str, dict]:
     """Every caption row by image id; fails on a duplicate."""
-    table = output.read()
+    table = output.read(CAPTION_SCHEMA)
     ids = table["image_id"].to_pylist()
     assert len(ids) == len(set(ids)), "duplicate caption rows"
     return {row["image_id"]: row for row in table.to_pylist()}

@@ -14,7 +14,7 @@ from imgcap.evaluate import nltk_corpus_bleu
 from imgcap.feature_table import load_features
 from imgcap.caption_job import caption_photos, run_caption_job
 from imgcap.pipeline import load_pipeline_config, run_pipeline
-from imgcap.sinks import OutputDirectory
+from imgcap.sinks import CAPTION_SCHEMA, OutputDirectory
 from imgcap.sources import S3Options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def read_captions_output(directory: Path):
     """Every caption row written to `directory`; fails on a duplicate image id."""
-    table = OutputDirectory(str(directory), S3Options()).read()
+    table = OutputDirectory(str(directory), S3Options()).read(CAPTION_SCHEMA)
     ids = table["image_id"].to_pylist()
     assert len(ids) == len(set(ids)), "duplicate caption rows"
     return table
@@ -145,3 +145,13 @@ def test_job_entrypoint_exits_2_on_a_config_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "backbone must be one of" in proc.stderr
+
+
+def test_an_empty_source_captions_nothing_and_says_so(demo_run, tmp_path):
+    _, result = demo_run
+    (tmp_path / "empty").mkdir()
+    out = run_caption_job(CaptionJobConfig(bundle=str(result.training.bundle_dir),
+                                           sources=[SourceConfig(str(tmp_path / "empty"))],
+                                           output_dir=str(tmp_path / "out"), cnn=CnnConfig(weights="none")))
+    assert (out.listed, out.skipped, out.captioned, out.failed, out.missing) == (0, 0, 0, 0, 0)
+    assert "images 0" in out.format() and (tmp_path / "out" / "report.html").is_file()
