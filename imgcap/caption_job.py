@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgcap.captions import read_captions, read_split_file
-from imgcap.config import CaptionJobConfig, DecodeConfig
+from imgcap.config import CaptionJobConfig, ConfigError, DecodeConfig
 from imgcap.embedding import resolve_weights
 from imgcap.evaluate import EvaluationReport, coco_available, evaluate_captions
 from imgcap.feature_table import FEATURE_SCHEMA, feature_matrix, feature_rows, load_features
@@ -164,8 +164,8 @@ def _features_dataset(config: CaptionJobConfig, bundle: "CaptionBundle", done: s
         rows = pq.read_table(path, columns=FEATURE_SCHEMA.names, filesystem=filesystem)
         found = set(pc.unique(rows["backbone"]).to_pylist()) - {None}
         if bundle.backbone and found and found != {bundle.backbone}:
-            raise ValueError(f"{config.features} holds features of {sorted(found)} but the bundle was trained on "
-                             f"{bundle.backbone!r} features: extract with backbone = {bundle.backbone!r}")
+            raise ConfigError(f"features: {config.features} holds features of {sorted(found)} but the bundle was "
+                              f"trained on {bundle.backbone!r} features: extract with backbone = {bundle.backbone!r}")
     if wanted is not None:
         rows = rows.filter(pc.is_in(rows["image_id"], value_set=wanted))
     listed = rows.num_rows
@@ -186,8 +186,8 @@ def _images_dataset(config: CaptionJobConfig, bundle: "CaptionBundle", done: set
     """Caption rows of the images of `config.sources` not yet captioned, streamed through the read/pixels tasks
     and the captioner actor pool; how many images are listed for this job, how many were done before."""
     if bundle.embedding is None:
-        raise ValueError(f"{config.bundle} does not record how its training features were made (no backbone): "
-                         f"caption a features table instead, or retrain with data.backbone set")
+        raise ConfigError(f"bundle: {config.bundle} does not record how its training features were made (no "
+                          f"backbone): caption a features table instead (features), or retrain with data.backbone set")
     refs = list_images(config.sources, s3, config.extensions, config.id_from)
     wanted = _split_ids(config)
     if wanted is not None:
@@ -244,7 +244,7 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
             hypotheses = dict(zip(scored["image_id"].to_pylist(), (c.split() for c in scored["caption"].to_pylist())))
             report = evaluate_captions(references, hypotheses, split=split, text_mode=bundle.text.mode,
                                        decoding=decode.label, coco=config.coco and coco_available())
-            write_report(table, references, report, OutputDirectory(config.output_dir, s3))
+            write_report(scored, report, OutputDirectory(config.output_dir, s3))
             outputs.update(report=f"{config.output_dir.rstrip('/')}/report.parquet",
                            scores=f"{config.output_dir.rstrip('/')}/scores.parquet")
         else:

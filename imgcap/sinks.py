@@ -153,10 +153,8 @@ class OutputDirectory:
             self.filesystem.delete_dir_contents(self.path)
 
 
-def write_report(captions: pa.Table, references: dict[str, list[list[str]]], report: EvaluationReport,
-                 output: OutputDirectory) -> None:
-    """Write the per-image BLEU report and the corpus scores into `output`'s directory."""
-    per_image = reference_rows(captions, references)
+def write_report(per_image: pa.Table, report: EvaluationReport, output: OutputDirectory) -> None:
+    """Write the per-image BLEU report (`reference_rows`) and the corpus scores into `output`'s directory."""
     report_path = f"{output.path}/report.parquet"
     pq.write_table(per_image, report_path, filesystem=output.filesystem)
     rows = [{"scorer": "nltk", "metric": f"bleu{n + 1}", "value": v} for n, v in enumerate(report.nltk_bleu)]
