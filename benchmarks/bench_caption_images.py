@@ -71,6 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+from _synthetic import synthetic_jpegs  # noqa: E402  (benchmarks/ is the script directory)
 
 SHARED = REPO.parent / "shared"
 FLICKR = SHARED / "flickr8k"
@@ -105,15 +106,7 @@ def repeated_images(directory: Path, count: int) -> list[Path]:
 
 def synthetic_archive(path: Path, count: int, distinct: int = 200) -> int:
     """An uncompressed .tar of `count` 320x240 JPEGs cycling through `distinct` synthetic pictures; its size."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    encoded = []
-    for _ in range(distinct):
-        base = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(base).resize((320, 240), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=85)
-        encoded.append(buffer.getvalue())
+    encoded = synthetic_jpegs(distinct)
     with tarfile.open(path, "w") as archive:
         for i in range(count):
             data = encoded[i % distinct]

@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from _synthetic import synthetic_jpegs  # noqa: E402  (benchmarks/ is the script directory)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGES = SHARED / "flickr8k" / "Images"
@@ -50,18 +51,8 @@ def repeated_images(directory: Path, repeat: int) -> list[Path]:
 
 def synthetic_images(directory: Path, count: int, distinct: int = 200) -> None:
     """`count` JPEG files (320x240) cycling through `distinct` different synthetic pictures."""
-    import io
-
-    from PIL import Image
-
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    encoded = []
-    for _ in range(distinct):
-        base = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(base).resize((320, 240), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=85)
-        encoded.append(buffer.getvalue())
+    encoded = synthetic_jpegs(distinct)
     for i in range(count):
         (directory / f"syn{i:06d}.jpg").write_bytes(encoded[i % distinct])
 
