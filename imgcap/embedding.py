@@ -5,8 +5,8 @@ bytes became pixels (resize, resample, JPEG draft). Extraction records it next t
 (``_embedding.json``), training copies it into the bundle, and the captioning job and ``imgcap caption`` read
 it from the bundle, so new photos are embedded exactly as the training features were.
 
-`CnnEmbedder` holds one backbone: the Ray Data actor of extraction and of the images -> captions job, and the
-in-process embedder of ``imgcap caption``.
+`CnnEmbedder` holds one backbone: the Ray Data actor of extraction, the CNN half of the captioning job's
+actor (`imgcap.caption_job.ImageCaptioner`), and the in-process embedder of ``imgcap caption``.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ def resolve_weights(weights: str, weights_file: str | None) -> str | None:
 
 def embed_dataset(pixels: Any, spec: EmbeddingSpec, weights: str | None, batch_size: int,
                   pool: "ActorPoolConfig") -> Any:
-    """The CNN stage of extraction and of the images -> captions job: a Ray Dataset of `pixels_batch` rows ->
-    feature rows, through a pool of CnnEmbedder actors (one model load each, `batch_size` images a call)."""
+    """Extraction's CNN stage: a Ray Dataset of `pixels_batch` rows -> feature rows, through a pool of
+    CnnEmbedder actors (one model load each, `batch_size` images a call)."""
     from imgcap.runtime import actor_pool_args
 
     return pixels.map_batches(CnnEmbedder, fn_constructor_kwargs={"spec": spec, "weights": weights, "on_ray": True},

@@ -96,7 +96,7 @@ class OutputDirectory:
                 others = set(pc.unique(table[column]).to_pylist()) - {value, None}
                 if others:
                     raise FileExistsError(f"{self.uri} holds rows with {column} {sorted(others)}, not {value!r}: "
-                                     f"use another output directory")
+                                          f"use another output directory")
             done.update(table["image_id"].to_pylist())
         return done, moved
 
