@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         raws, cpus, stats, raw_cpu = [], [], {}, []
         runs: list[dict[str, Any]] = []
 
-        def measure_raw() -> np.ndarray:
+        def measure_raw(pixels: np.ndarray) -> np.ndarray:
             with CpuAccount() as account:
                 rate, cpu, features = raw_forward(embedder, pixels, args.cnn_batch)
             raw_cpu.append(account)
@@ -678,11 +678,11 @@ def main(argv: list[str] | None = None) -> int:
         groups = [(n1, kinds), (n2, kinds)]
         if args.repeats == 2:
             groups += [(n2, kinds[::-1]), (n1, kinds[::-1])]
-        features = measure_raw()
+        features = measure_raw(pixels)
         for k, (count, order) in enumerate(groups):
             for kind in order:
                 run_one(kind, count, 1 + k // 2)
-            features = measure_raw()
+            features = measure_raw(pixels)
 
         def mean_seconds(kind: str, count: int) -> float:
             return float(np.mean([r["seconds"] for r in runs if r["kind"] == kind and r["images"] == count]))

@@ -202,17 +202,19 @@ def time_training_epoch(data, model_config, train_config, warmup_steps: int):
     """
     import numpy as np
 
-    from imgcap.train import CaptionTrainer, build_model
+    from imgcap.train import CaptionBatches, CaptionTrainer, DevEvaluator, build_model
 
     model = build_model(model_config, data.vocab, data.features.dim, train_config.seed)
     trainer = CaptionTrainer(model, train_config)
     rng = np.random.default_rng(train_config.seed)
     features = data.features.features
-    trainer.train_epoch(data.train, features, rng, train_config.batch_size, num_batches=warmup_steps)
+    warmup = CaptionBatches(data.train, features, train_config.batch_size, lambda _: rng, num_batches=warmup_steps)
+    trainer.train_epoch(*warmup.epoch(0))
     started = time.perf_counter()
-    loss = trainer.train_epoch(data.train, features, rng, train_config.batch_size)
+    loss = trainer.train_epoch(*CaptionBatches(data.train, features, train_config.batch_size, lambda _: rng).epoch(0))
     seconds = time.perf_counter() - started
-    return trainer, seconds, loss, trainer.evaluate_loss(data.dev, features)
+    evaluator = DevEvaluator(model, data.vocab, data.dev, features, features[:1], [[["a"]]])
+    return trainer, seconds, loss, evaluator.loss()
 
 
 def training_row(name: str, data, model_config, train_config, warmup_steps: int):

@@ -8,7 +8,9 @@ All on the same features (configs/train_flickr8k.toml: MobileNetV2 .npz, 6000 tr
 
 - seed: /work/shared/baselines/seed_merge.py (per-prefix samples, one-hot targets, Keras fit on a Python
   generator), `--max-train-steps N --epochs 1`; images/s = 1 / its `train_s_per_image`;
-- single process: `CaptionTrainer` with no strategy (TensorFlow uses every core), `--epochs` epochs;
+- single process: `CaptionTrainer` with no strategy (TensorFlow uses every core), `--epochs` cross-entropy
+  epochs, then `--scst-epochs` self-critical epochs of the same model (``[scst]`` of the config, enabled here:
+  sampling k captions per image, CIDEr-D rewards, the weighted step), one row per phase;
 - Ray Train with 1 and 2 workers (`imgcap.distributed.train_on_ray`, 1 CPU each), same global batch.
 
 images/s = training images per epoch / seconds of training in the epoch (dev evaluation excluded), taken from
@@ -49,24 +51,34 @@ def run_seed(config: TrainJobConfig, steps: int) -> dict:
             "note": f"{steps} generator steps (1 image each)", "raw": figures}
 
 
-def run_single_process(config: TrainJobConfig) -> dict:
-    import numpy as np
-
+def run_single_process(config: TrainJobConfig) -> dict[str, dict]:
+    """Both phases in this process, as `imgcap train` runs them; one row per phase."""
     from imgcap.dataset import prepare_training_data
-    from imgcap.train import CaptionTrainer, build_model, run_epoch
+    from imgcap.train import (CaptionTrainer, build_model, dev_evaluator, phase_batches, phase_sizes,
+                              train_phase)
+    from imgcap.training_state import TrainingState, training_phases
 
-    started = time.perf_counter()
     data = prepare_training_data(config.data, config.text)
-    trainer = CaptionTrainer(build_model(config.model, data.vocab, data.features.dim, config.train.seed),
-                             config.train)
-    dev_features = data.features.select(data.dev_ids).features
-    refs = [data.dev_references[i] for i in data.dev_ids]
-    rng = np.random.default_rng(config.train.seed)
-    history = [run_epoch(trainer, data.vocab, data.train, data.dev, data.features.features, dev_features, refs,
-                         epoch, rng, num_images=len(data.train_ids)) for epoch in range(config.train.epochs)]
-    return {"images_per_second": history[-1].images_per_second, "wall_s": time.perf_counter() - started,
+    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
+    evaluator = dev_evaluator(config, data, model)
+    phases = training_phases(config)
+    state, rows = TrainingState(phases[0].name), {}
+    for phase in phases:
+        started = time.perf_counter()
+        state.begin(phase.name)
+        trainer = CaptionTrainer(model, phase.config)
+        images, captions = phase_sizes(phase, config, data)
+        history = list(train_phase(trainer, evaluator, state, phase_batches(phase, config, data, model),
+                                   num_images=images, num_captions=captions))
+        trainer.restore_best()
+        label = ("cross-entropy" if phase.name == "xe"
+                 else f"self-critical, {config.scst.samples} samples per image, batch {config.scst.batch_size} images")
+        rows[f"single process (CaptionTrainer), {phase.name}"] = {
+            "images_per_second": history[-1].images_per_second, "wall_s": time.perf_counter() - started,
             "first_epoch_images_per_second": history[0].images_per_second,
-            "note": f"{len(history)} epoch(s), all cores", "history": [h.as_dict() for h in history]}
+            "note": f"{label}: {len(history)} epoch(s), all cores, {history[-1].captions_per_second:.0f} captions/s",
+            "history": [h.as_dict() for h in history]}
+    return rows
 
 
 def run_ray(config: TrainJobConfig, workers: int) -> dict:
@@ -90,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "train_flickr8k.toml"))
     parser.add_argument("--epochs", type=int, default=2, help="epochs of the single-process and Ray runs")
+    parser.add_argument("--scst-epochs", type=int, default=1, help="self-critical epochs of the single-process run")
     parser.add_argument("--seed-steps", type=int, default=200, help="training steps of the seed baseline")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Train runs")
     parser.add_argument("--output", default=str(ROOT / "runs" / "bench_train.json"))
     args = parser.parse_args(argv)
     config = load_config(TrainJobConfig, args.config, {
-        "train.epochs": args.epochs, "train.select_by": "loss", "train.patience": 0, "decode.beam_width": 1})
+        "train.epochs": args.epochs, "train.select_by": "loss", "train.patience": 0, "decode.beam_width": 1,
+        "scst.enabled": True, "scst.epochs": args.scst_epochs, "scst.patience": 0})
     if not Path(config.data.features).is_file() or not SEED_SCRIPT.is_file():
         print(f"needs {config.data.features} and {SEED_SCRIPT} (the shared data)", file=sys.stderr)
         return 2
@@ -102,14 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, log_to_driver=False)
+    # The Ray runs train cross-entropy only (the phase the seed has); the single process runs both phases.
+    xe_only = dataclasses.replace(config, scst=dataclasses.replace(config.scst, enabled=False))
+    runs = [("seed baseline (seed_merge.py)", lambda: {"": run_seed(config, args.seed_steps)}),
+            ("single process", lambda: run_single_process(config))]
+    if not args.no_ray:
+        runs += [("Ray Train, 1 worker", lambda: {"": run_ray(xe_only, 1)}),
+                 ("Ray Train, 2 workers", lambda: {"": run_ray(xe_only, 2)})]
     rows = {}
-    for name, run in (("seed baseline (seed_merge.py)", lambda: run_seed(config, args.seed_steps)),
-                      ("single process (CaptionTrainer)", lambda: run_single_process(config)),
-                      ("Ray Train, 1 worker", lambda: run_ray(config, 1)),
-                      ("Ray Train, 2 workers", lambda: run_ray(config, 2))):
+    for name, run in runs:
         print(f"running: {name} ...", file=sys.stderr, flush=True)
-        rows[name] = run()
-        print(f"  {rows[name]['images_per_second']:.1f} images/s", file=sys.stderr, flush=True)
+        for key, row in run().items():
+            rows[key or name] = row
+            print(f"  {key or name}: {row['images_per_second']:.1f} images/s", file=sys.stderr, flush=True)
     seed = rows["seed baseline (seed_merge.py)"]["images_per_second"]
     lines = [f"Training throughput, {Path(config.data.features).name}, global batch {config.train.batch_size}, "
              f"{os.cpu_count()} CPUs, Ray {ray.__version__}",

@@ -1,4 +1,4 @@
-"""Caption generation on batches of images: greedy and beam search.
+"""Caption generation on batches of images: greedy and beam search, and sampling (self-critical training).
 
 Both decoders are incremental: the decoder state (LSTM h/c and the image context) is carried from step to
 step and only the newest token is fed, so a caption of n words costs n LSTM steps, not n re-runs of the
@@ -74,15 +74,25 @@ class _Decoder:
 
     def decode(self, features: np.ndarray) -> DecodedCaptions:
         """Captions for a [N, D] feature matrix, as token ids and log-probability scores."""
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.model.feature_dim:
-            raise ValueError(f"expected features of shape [N, {self.model.feature_dim}], got {features.shape}")
+        features = _check_features(features, self.model.feature_dim)
         tokens, scores = [], []
         for start in range(0, len(features), self.batch_size):
             ids, score = self._search(tf.constant(features[start : start + self.batch_size]))
             tokens.extend(_strip(ids.numpy()))
             scores.append(score.numpy())
         return DecodedCaptions(tokens, np.concatenate(scores) if scores else np.zeros(0, np.float32))
+
+    def search(self, features: np.ndarray) -> np.ndarray:
+        """The captions of one batch as a [N, L] id matrix: each row up to and with `<end>`, then `<pad>`
+        (what self-critical training scores and trains on)."""
+        return self._search(tf.constant(_check_features(features, self.model.feature_dim)))[0].numpy()
+
+
+def _check_features(features: np.ndarray, dim: int) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or features.shape[1] != dim:
+        raise ValueError(f"expected features of shape [N, {dim}], got {features.shape}")
+    return features
 
 
 class GreedyDecoder(_Decoder):
@@ -162,6 +172,51 @@ class BeamSearchDecoder(_Decoder):
             ranked = scores / tf.pow(tf.cast(tf.maximum(lengths, 1), tf.float32), self.length_penalty)
         choice = tf.argmax(ranked, axis=-1, output_type=tf.int32)
         return tf.gather(history, choice, batch_dims=1), tf.gather(scores, choice, batch_dims=1)
+
+
+class CaptionSampler:
+    """Draws `samples` captions per image from the model's next-word distribution at `temperature`.
+
+    The sampling counterpart of `GreedyDecoder` (self-critical training's policy): incremental, one compiled
+    graph per batch, the same banned tokens, `<pad>` after `<end>`. Rows come image-major: image b's samples
+    are rows ``b * samples .. b * samples + samples - 1``. The randomness is stateless, drawn from the seed
+    passed in (one per batch and step), so a batch is reproducible and workers never share a stream. As the
+    temperature goes to 0 every sample becomes the greedy caption.
+    """
+
+    def __init__(self, model: StepModel, samples: int = 5, temperature: float = 1.0, max_length: int = 20) -> None:
+        if samples < 1 or max_length < 1 or temperature <= 0:
+            raise ValueError("samples and max_length must be >= 1 and temperature > 0")
+        self.model, self.samples, self.temperature, self.max_length = model, samples, temperature, max_length
+        self._banned = _banned_bias(model.vocab_size)
+        self._sample = tf.function(self._sample_graph, input_signature=[
+            tf.TensorSpec([None, model.feature_dim], tf.float32), tf.TensorSpec([2], tf.int64)])
+
+    def _sample_graph(self, features: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        features = tf.repeat(features, self.samples, axis=0)
+        rows = tf.shape(features)[0]
+        state = self.model.initial_state(features)
+        tokens = tf.fill([rows], START_ID)
+        finished = tf.zeros([rows], tf.bool)
+        out = tf.TensorArray(tf.int32, size=self.max_length, element_shape=tf.TensorShape([None]))
+        for t in tf.range(self.max_length):
+            logits, state = self.model.step(tokens, state)
+            # log_softmax first: the ensemble's step already returns log-probabilities, a model's returns logits
+            scaled = tf.nn.log_softmax(logits + self._banned) / self.temperature
+            step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(t, tf.int64))
+            tokens = tf.cast(tf.random.stateless_categorical(scaled, 1, step_seed)[:, 0], tf.int32)
+            tokens = tf.where(finished, PAD_ID, tokens)
+            out = out.write(t, tokens)
+            finished = finished | tf.equal(tokens, END_ID)
+            if tf.reduce_all(finished):
+                break
+        return tf.transpose(out.stack())
+
+    def sample(self, features: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """[N * samples, L] token ids (each row up to and with `<end>`, then `<pad>`) for [N, D] features;
+        `seed`: two integers."""
+        features = _check_features(features, self.model.feature_dim)
+        return self._sample(tf.constant(features), tf.constant(np.asarray(seed, dtype=np.int64))).numpy()
 
 
 def make_decoder(model: StepModel, config: DecodeConfig) -> GreedyDecoder | BeamSearchDecoder:

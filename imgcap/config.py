@@ -83,7 +83,7 @@ class TrainConfig:
     # is what is evaluated on dev, selected and saved. 0: the weights as trained.
     weight_ema: float = 0.0
     clip_norm: float = 5.0
-    select_by: Literal["bleu", "loss"] = "bleu"  # best epoch: greedy dev BLEU-4, or dev loss
+    select_by: Literal["bleu", "cider", "loss"] = "bleu"  # best epoch: greedy dev BLEU-4, dev CIDEr-D, or dev loss
     patience: int = 3  # stop after this many epochs without a better dev score (0: never stop early)
     seed: int = 0
 
@@ -99,6 +99,50 @@ class TrainConfig:
                 "sampled_softmax and label_smoothing cannot be combined (smoothing needs the whole vocabulary)")
         require(self.clip_norm > 0, "clip_norm must be > 0")
         require(self.patience >= 0, "patience must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScstConfig:
+    """Self-critical sequence training (imgcap.scst): a second phase that fine-tunes on the CIDEr-D reward of
+    the model's own sampled captions. Off by default."""
+
+    enabled: bool = False
+    # a bundle directory (or URI) or a checkpoint / run / output directory of cross-entropy training to start
+    # from (the cross-entropy phase is then skipped); none: this job's own cross-entropy phase
+    init_from: str | None = None
+    epochs: int = 10
+    samples: int = 5  # captions sampled per image and step
+    temperature: float = 1.0  # of the sampling distribution
+    baseline: Literal["mean", "greedy"] = "mean"  # mean reward of the image's other samples, or its greedy caption's
+    max_length: int = 20  # tokens of a sampled caption, <end> included
+    batch_size: int = 50  # images per step (global, over all workers); each brings `samples` captions
+    learning_rate: float = 5e-5
+    lr_decay: float = 1.0
+    weight_ema: float = 0.0
+    select_by: Literal["bleu", "cider"] = "cider"  # best epoch: greedy dev CIDEr-D or BLEU-4
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.samples >= 1, f"samples must be >= 1, got {self.samples}")
+        require(self.samples >= 2 or self.baseline == "greedy",
+                f"samples = {self.samples} with baseline = \"mean\": the mean of the other samples needs samples >= 2 "
+                f"(or baseline = \"greedy\")")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        require(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        require(0 < self.lr_decay <= 1, f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        require(0 <= self.weight_ema < 1, f"weight_ema must be in [0, 1), got {self.weight_ema}")
+        require(self.patience >= 0, "patience must be >= 0")
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        """The optimisation of the phase as a `TrainConfig`: `base` (clip norm, seed) with this table's values;
+        no label smoothing and no sampled softmax (the policy gradient needs the log-probability of the sample)."""
+        return dataclasses.replace(base, epochs=self.epochs, batch_size=self.batch_size,
+                                   learning_rate=self.learning_rate, lr_decay=self.lr_decay,
+                                   weight_ema=self.weight_ema, select_by=self.select_by, patience=self.patience,
+                                   label_smoothing=0.0, sampled_softmax=0)
 
 
 @dataclass(frozen=True)
@@ -187,11 +231,12 @@ class TrainJobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
     ray: RayTrainConfig = field(default_factory=RayTrainConfig)
 
 
 _PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
-              "path", "weights_file", "bundle", "references", "split", "storage_path", "resume_from"}
+              "path", "weights_file", "bundle", "references", "split", "storage_path", "resume_from", "init_from"}
 
 
 def _coerce(value: Any, annotation: Any, where: str, base: Path) -> Any:

@@ -72,11 +72,13 @@ def build_examples(
 
 @dataclass(frozen=True)
 class Batch:
-    """A training batch: image features, decoder inputs and targets (both [B, T], padded with 0)."""
+    """A training batch: image features, decoder inputs and targets (both [B, T], padded with 0), and the
+    weight of each caption's loss (1 in cross-entropy training; the advantage in self-critical training)."""
 
     features: np.ndarray
     inputs: np.ndarray
     targets: np.ndarray
+    weights: np.ndarray
 
 
 def iterate_batches(
@@ -104,7 +106,7 @@ def iterate_batches(
     for rows in batches:
         width = int(examples.lengths[rows].max())
         tokens = examples.tokens[rows, :width]
-        yield Batch(features[examples.image_rows[rows]], tokens[:, :-1], tokens[:, 1:])
+        yield Batch(features[examples.image_rows[rows]], tokens[:, :-1], tokens[:, 1:], np.ones(len(rows), np.float32))
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class TrainingData:
     train: CaptionExamples
     dev: CaptionExamples
     dev_references: dict[str, list[list[str]]]  # dev image id -> normalised reference captions
+    train_references: dict[str, list[list[str]]]  # train image id -> normalised reference captions (untruncated)
 
 
 def _limit(ids: list[str], limit: int) -> list[str]:
@@ -167,5 +170,6 @@ def prepare_training_data(data: DataConfig, text: TextConfig, vocab: Vocabulary 
         train=build_examples(train_tokens, rows, vocab, text.max_length),
         dev=build_examples(dev_tokens, rows, vocab, text.max_length),
         dev_references=dev_tokens,
+        train_references=train_tokens,
         embedding=read_embedding(data.features),
     )

@@ -10,7 +10,7 @@ config changes. Written for the Ray Train V2 API, the default in Ray 2.60 (``RAY
   from the best epoch's weights, ``history.csv`` and ``dev_report.json`` exactly as the single-process
   `imgcap.train.train_captioner` does.
 - **Workers** (`train_loop_per_worker`): ``MultiWorkerMirroredStrategy`` (Ray sets ``TF_CONFIG``), the model and
-  the `CaptionTrainer` built in its scope, and the epoch loop of `imgcap.train.run_epoch` (the one `fit` uses):
+  the `CaptionTrainer` built in its scope, and the phase loop of `imgcap.train.train_phase` (the one `fit` uses):
   a custom ``strategy.run`` step inside ``tf.function`` whose gradients are all-reduced. Keras 3 ``model.fit``
   fails under this strategy in Ray ("PerReplica ... to a Tensor"), which is why the loop is custom.
 
@@ -29,16 +29,25 @@ process with ``batch_size``: the learning rate needs no rescaling when N changes
 hardware for N times the batch instead, raise ``train.batch_size`` and scale ``train.learning_rate`` yourself
 (the linear-scaling rule), e.g. with ``--set``.
 
-Dev evaluation (dev loss, greedy dev BLEU-4 when ``train.select_by = "bleu"``) runs on every worker on the
+Self-critical training (``[scst]``, `imgcap.scst`) is the second phase of the same loop: each worker samples
+and rewards the captions of its shard of the training images (every world_size-th image), the advantages
+weight the same all-reduced step, and the run's checkpoints carry the phase, so a restarted worker group
+resumes self-critical training where it stopped (with its optimizer), and a rerun with ``scst.enabled``
+switched on continues a finished cross-entropy run into the self-critical phase.
+
+Dev evaluation (dev loss, greedy dev BLEU-4 and CIDEr-D) runs on every worker on the
 whole dev split: the weights are identical on all replicas, so every worker gets the same numbers and takes
 the same early-stopping decision without another collective; all workers then call ``ray.train.report``
 (rank 0 attaches the checkpoint).
 
-Checkpoints (one per epoch, ``checkpoint_epoch_NNNN`` in the run directory): ``state.npz`` (model weights and
-optimizer variables: step count and Adam moments), ``best_weights.npz`` (the weights of the best epoch so far,
-so the bundle never depends on which checkpoints Ray kept), ``vocab.json`` and ``imgcap_checkpoint.json``
-(epoch, history, best epoch and score, the job config, feature size). Ray keeps the
-``ray.checkpoints_to_keep`` best by dev BLEU-4 (max) or dev loss (min), and always the latest.
+Checkpoints (one per epoch, ``checkpoint_epoch_NNNN`` / ``checkpoint_scst_epoch_NNNN`` in the run directory):
+``state.index`` + ``state.data-*``, a ``tf.train.Checkpoint`` of the model, the optimizer (step count, Adam moments,
+weight average) and the weights of the phase's best epoch so far (so the bundle never depends on which
+checkpoints Ray kept); ``vocab.json``; ``imgcap_checkpoint.json`` (the `imgcap.training_state.TrainingState`:
+phase, epoch, history, best epoch and score; the job config, feature size). Every worker writes it
+(TensorFlow's rule under MultiWorkerMirroredStrategy); rank 0's is reported. Ray keeps the
+``ray.checkpoints_to_keep`` best by the last phase's ``select_by`` score (dev BLEU-4 or CIDEr-D max, dev loss
+min), and always the latest.
 
 Fault tolerance, reruns and resume:
 
@@ -134,13 +143,11 @@ from imgcap.config import ConfigError, TrainJobConfig, config_from_dict, config_
 from imgcap.runtime import cluster_can_grow, import_tensorflow
 from imgcap.sources import S3Options, filesystem_for
 from imgcap.text import Vocabulary
+from imgcap.training_state import (CHECKPOINT_META, VOCAB_FILE, Phase, TrainingState, best_of, describe_best,
+                                   find_latest_checkpoint, read_checkpoint_meta, read_text, training_phases)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_META = "imgcap_checkpoint.json"
-STATE_FILE = "state.npz"
-BEST_WEIGHTS_FILE = "best_weights.npz"
-VOCAB_FILE = "vocab.json"
 FAIL_ONCE_ENV = "IMGCAP_TEST_FAIL_ONCE"
 # Ray Train V2's record of a run's checkpoints in the run directory (CHECKPOINT_MANAGER_SNAPSHOT_FILENAME in
 # ray/train/v2/_internal/constants.py); a run directory with it is restored by a run of the same name.
@@ -168,11 +175,6 @@ def _exists(filesystem: Any, path: str, kind: str = "any") -> bool:
     if kind == "dir":
         return found == pafs.FileType.Directory
     return found != pafs.FileType.NotFound
-
-
-def _read_text(filesystem: Any, path: str) -> str:
-    with filesystem.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -253,90 +255,39 @@ def _check_storage(run: RunLocation) -> None:
                           f"ray.storage_endpoint_url for an S3-compatible store)") from None
 
 
-# --- checkpoints
-
-
-def _find_latest(filesystem: Any, root: str) -> str | None:
-    import pyarrow.fs as pafs
-
-    if _exists(filesystem, f"{root}/{CHECKPOINT_META}", "file"):
-        return root
-    found = []
-    for info in filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
-        if info.base_name != CHECKPOINT_META or info.type != pafs.FileType.File:
-            continue
-        directory = info.path.rsplit("/", 1)[0]
-        try:
-            epoch = int(json.loads(_read_text(filesystem, info.path))["epoch"])
-        except (OSError, ValueError, KeyError):
-            continue  # a checkpoint being written or deleted
-        if _exists(filesystem, f"{directory}/{STATE_FILE}", "file"):
-            found.append((epoch, info.mtime_ns or 0, directory))
-    return max(found)[2] if found else None
-
-
-def find_latest_checkpoint(path: str | Path, filesystem: Any = None) -> str | None:
-    """The imgcap checkpoint directory with the highest epoch at or below `path` (a checkpoint, a Ray run
-    directory, a storage directory or a job's output directory), or None.
-
-    `path` is a local path, a pyarrow filesystem URI (``s3://bucket/prefix``: the answer is a URI too), or a
-    path on `filesystem` (the answer is a path on it).
-    """
-    path = str(path)
-    if filesystem is not None:
-        return _find_latest(filesystem, path.rstrip("/"))
-    filesystem, root = _resolve_filesystem(path)
-    found = _find_latest(filesystem, root)
-    if found is None or _is_local(path):
-        return found
-    return f"{path.partition('://')[0]}://{found}"
-
-
-def read_checkpoint_meta(directory: str | Path, filesystem: Any = None) -> dict[str, Any]:
-    if filesystem is None:
-        return json.loads((Path(directory) / CHECKPOINT_META).read_text(encoding="utf-8"))
-    return json.loads(_read_text(filesystem, f"{directory}/{CHECKPOINT_META}"))
-
-
-def _load_weights(path: Path) -> list[np.ndarray]:
-    with np.load(path) as arrays:
-        return [arrays[f"w_{k}"] for k in range(len(arrays.files))]
-
-
-def _write_checkpoint(directory: Path, trainer: Any, vocab: Vocabulary, best_weights: list[np.ndarray],
-                      meta: dict[str, Any]) -> None:
-    trainer.save_state(directory / STATE_FILE)
-    np.savez(directory / BEST_WEIGHTS_FILE, **{f"w_{k}": w for k, w in enumerate(best_weights)})
-    vocab.save(directory / VOCAB_FILE)
-    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-
-
 # --- the worker loop
 
 
-def _fail_once_hook(spec: str | None, epoch: int, rank: int, world_size: int):
-    """The ``IMGCAP_TEST_FAIL_ONCE`` test hook for `epoch` (0-based), or None when it does not apply."""
+def _fail_once_hook(spec: str | None, phase: str, epoch: int, rank: int, world_size: int):
+    """The ``IMGCAP_TEST_FAIL_ONCE`` test hook for `epoch` (0-based) of `phase`, or None when it does not apply."""
     if not spec:
         return None
     fail_epoch, _, marker = spec.partition(":")
-    if int(fail_epoch) != epoch + 1 or rank != world_size - 1 or not marker:
+    fail_phase, _, fail_epoch = fail_epoch.rpartition("/")
+    if (fail_phase or "xe") != phase or int(fail_epoch) != epoch + 1 or rank != world_size - 1 or not marker:
         return None
 
     def on_step(step: int, total: int) -> None:
         if step == total // 2 and not os.path.exists(marker):
-            Path(marker).write_text(f"failed in epoch {epoch + 1} at step {step} of {total}\n", encoding="utf-8")
-            raise RuntimeError(f"{FAIL_ONCE_ENV}: simulated crash of worker {rank} in epoch {epoch + 1}, "
+            Path(marker).write_text(f"failed in {phase} epoch {epoch + 1} at step {step} of {total}\n",
+                                    encoding="utf-8")
+            raise RuntimeError(f"{FAIL_ONCE_ENV}: simulated crash of worker {rank} in {phase} epoch {epoch + 1}, "
                                f"step {step} of {total}")
     return on_step
 
 
+def _checkpoint_dir_name(phase: str, epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}" if phase == "xe" else f"checkpoint_{phase}_epoch_{epoch:04d}"
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: its shard, MultiWorkerMirroredStrategy, the shared epoch loop, per-epoch report."""
+    """One Ray Train worker: its shard, MultiWorkerMirroredStrategy, the shared phase loop, per-epoch report."""
     tf = import_tensorflow()  # before the imports below bring it in: no CPU banners
     import ray.train
 
     from imgcap.dataset import prepare_training_data
-    from imgcap.train import CaptionTrainer, EpochMetrics, build_model, run_epoch, selection_score
+    from imgcap.train import (CaptionTrainer, dev_evaluator, initial_model, phase_batches, phase_sizes,
+                              start_model, train_phase, write_checkpoint)
 
     tf.get_logger().setLevel(logging.WARNING)  # not one INFO line per collective op
     job = config_from_dict(TrainJobConfig, loop_config["job"])
@@ -344,75 +295,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()  # TF_CONFIG set by Ray's TensorflowTrainer
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-
     vocab = Vocabulary.from_json(loop_config["vocab"])
     data = prepare_training_data(job.data, job.text, vocab)
-    shard = data.train.shard(rank, world_size)
-    batch_size = job.train.batch_size // world_size
-    num_batches = max(math.ceil(len(data.train.shard(r, world_size)) / batch_size) for r in range(world_size))
-    features = data.features.features
-    dev_features = data.features.select(data.dev_ids).features
-    dev_references = [data.dev_references[i] for i in data.dev_ids]
-    num_images = len(np.unique(data.train.image_rows))
+    phases = training_phases(job)
 
+    # After a worker-group restart, or in a rerun of an existing run, Ray hands over the run's latest
+    # checkpoint; ray.resume_from starts a new run from another run's checkpoint; else the run starts afresh
+    # (from scst.init_from when it is set).
+    source = ray.train.get_checkpoint()
+    if source is None and loop_config.get("resume_checkpoint"):
+        source = ray.train.Checkpoint(loop_config["resume_checkpoint"], filesystem=loop_config.get("resume_filesystem"))
     with strategy.scope():
-        model = build_model(job.model, vocab, data.features.dim, job.train.seed)
-        trainer = CaptionTrainer(model, job.train, strategy)
+        model = start_model(job, data, None if source is not None else initial_model(job))
 
-    start_epoch, history, best_epoch, best_score = 0, [], 0, -math.inf
-    best_weights = model.get_weights()
-    restored = ray.train.get_checkpoint()  # after a worker-group restart, or in a rerun of an existing run
+    def phase_trainer(phase: Phase) -> Any:
+        with strategy.scope():
+            return CaptionTrainer(model, phase.config, strategy)
 
-    def restore(directory: Path) -> None:
-        nonlocal start_epoch, history, best_epoch, best_score, best_weights
-        meta = read_checkpoint_meta(directory)
-        trainer.load_state(directory / STATE_FILE)
-        best_weights = _load_weights(directory / BEST_WEIGHTS_FILE)
-        start_epoch, best_epoch = int(meta["epoch"]), int(meta["best_epoch"])
-        best_score = float(meta["best_score"])
-        history = [EpochMetrics(**h) for h in meta["history"]]
-        log.info("worker %d: restored epoch %d from %s", rank, start_epoch, directory)
-
-    if restored is not None:
-        with restored.as_directory() as directory:
-            restore(Path(directory))
-    elif loop_config.get("resume_checkpoint"):  # ray.resume_from: a new run from another run's checkpoint
-        source = ray.train.Checkpoint(loop_config["resume_checkpoint"],
-                                      filesystem=loop_config.get("resume_filesystem"))
+    if source is not None:
         with source.as_directory() as directory:  # a local checkpoint as it is; one in a bucket downloaded
-            restore(Path(directory))
-    restarts_from = start_epoch
-
-    select_by, patience = job.train.select_by, job.train.patience
-    for epoch in range(start_epoch, job.train.epochs):
-        if patience and epoch - best_epoch >= patience:
-            break  # restored from a checkpoint whose run had already stopped early
-        rng = np.random.default_rng([job.train.seed, epoch, rank])
-        metrics = run_epoch(trainer, vocab, shard, data.dev, features, dev_features, dev_references, epoch, rng,
-                            num_images=num_images, num_captions=len(data.train), batch_size=batch_size,
-                            num_batches=num_batches,
-                            on_step=_fail_once_hook(loop_config.get("fail_once"), epoch, rank, world_size))
-        history.append(metrics)
-        score = selection_score(metrics, select_by)
-        if score > best_score:
-            best_score, best_epoch, best_weights = score, epoch + 1, trainer.evaluated_weights()
-        stop = bool(patience) and epoch + 1 - best_epoch >= patience
-        reported = {k: v for k, v in metrics.as_dict().items() if v is not None}
-        reported.update(best_epoch=best_epoch, world_size=world_size, started_at_epoch=restarts_from,
-                        steps=num_batches, early_stop=stop)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                meta = {"epoch": epoch + 1, "best_epoch": best_epoch, "best_score": best_score,
-                        "history": [h.as_dict() for h in history], "job": loop_config["job"],
-                        "feature_dim": data.features.dim, "vocab_size": len(vocab), "world_size": world_size,
-                        "saved_at": time.time()}
-                _write_checkpoint(Path(tmp), trainer, vocab, best_weights, meta)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
-        if stop:
-            log.info("early stop: no better dev %s for %d epochs", select_by, patience)
-            break
+            state = TrainingState.from_meta(read_checkpoint_meta(directory))
+            phase = next(p for p in phases if p.name == state.phase)
+            trainer = phase_trainer(phase)
+            trainer.restore(directory)
+        log.info("worker %d: restored %s epoch %d from %s", rank, state.phase, state.epoch, source.path)
+    else:
+        state = TrainingState(phases[0].name)
+        trainer = phase_trainer(phases[0])
+    started_at = (state.phase, state.epoch)
+    evaluator = dev_evaluator(job, data, model)
+    remaining = phases[[p.name for p in phases].index(state.phase):]
+    for k, phase in enumerate(remaining):
+        if k:  # the next phase starts from the best weights of the last
+            trainer.restore_best()
+            state.begin(phase.name)
+            trainer = phase_trainer(phase)
+        images, captions = phase_sizes(phase, job, data)
+        batches = phase_batches(phase, job, data, model, rank=rank, world_size=world_size)
+        epochs = train_phase(trainer, evaluator, state, batches, num_images=images, num_captions=captions,
+                             on_step=lambda epoch: _fail_once_hook(loop_config.get("fail_once"), phase.name, epoch,
+                                                                   rank, world_size))
+        for metrics in epochs:
+            reported = {k: v for k, v in metrics.as_dict().items() if v is not None}
+            reported.update(best_epoch=state.best_epoch, world_size=world_size, started_at_phase=started_at[0],
+                            started_at_epoch=started_at[1], early_stop=state.stops_early(phase.config))
+            meta = {"job": loop_config["job"], "feature_dim": data.features.dim, "vocab_size": len(vocab),
+                    "world_size": world_size, "saved_at": time.time()}
+            with tempfile.TemporaryDirectory() as tmp:
+                # Every worker writes the checkpoint (TensorFlow's rule for MultiWorkerMirroredStrategy: saving
+                # may read variables across workers); only the chief's goes to Ray Train.
+                write_checkpoint(Path(tmp), trainer, state, vocab, meta)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+                ray.train.report(reported, checkpoint=checkpoint,
+                                 checkpoint_dir_name=_checkpoint_dir_name(phase.name, metrics.epoch))
 
 
 # --- the driver
@@ -445,12 +380,11 @@ class DistributedTrainResult:
             lines.append("  the run had already finished: nothing trained, outputs written from its latest checkpoint")
         elif self.continued_from:
             lines.append(f"  continued the existing run from: {self.continued_from}")
-        lines.append(f"  {len(self.history)} epoch(s), best epoch {self.best_epoch}")
-        if self.history:
-            best = next(h for h in self.history if h.epoch == self.best_epoch)
-            bleu = "" if best.dev_bleu4 is None else f", greedy dev BLEU-4 {best.dev_bleu4:.4f}"
-            mean_rate = np.mean([h.images_per_second for h in self.history])
-            lines.append(f"  best epoch: dev loss {best.dev_loss:.4f}{bleu}; {mean_rate:.0f} images/s (mean)")
+        lines.append(f"  {len(self.history)} epoch(s)")
+        best = best_of(self.history, self.best_epoch)
+        if best is not None:
+            mean_rate = np.mean([h.images_per_second for h in self.history if h.phase == best.phase])
+            lines.append(f"  {describe_best(best)}; {mean_rate:.0f} images/s (mean)")
         return "\n".join(lines + ["  " + self.report.summary()])
 
 
@@ -561,7 +495,7 @@ def _check_resume(config: TrainJobConfig, checkpoint: str | Path, filesystem: An
     if filesystem is None:
         vocab = Vocabulary.load(Path(checkpoint) / VOCAB_FILE)
     else:
-        vocab = Vocabulary.from_json(_read_text(filesystem, f"{checkpoint}/{VOCAB_FILE}"))
+        vocab = Vocabulary.from_json(read_text(filesystem, f"{checkpoint}/{VOCAB_FILE}"))
     label = label or f"the checkpoint {checkpoint}"
     saved = meta["job"]
     for table in ("model", "text"):
@@ -570,10 +504,19 @@ def _check_resume(config: TrainJobConfig, checkpoint: str | Path, filesystem: An
             if key != "glove_path" and ours.get(key) != value:
                 raise ConfigError(f"{table}.{key} is {ours.get(key)!r} but {label} was trained with {value!r}; "
                                   f"set {table}.{key} = {value!r} to continue it, {fix}")
-    if saved["train"].get("weight_ema", 0.0) != config.train.weight_ema:
-        raise ConfigError(f"train.weight_ema is {config.train.weight_ema!r} but {label} was trained with "
-                          f"{saved['train'].get('weight_ema', 0.0)!r} (its optimizer state holds the average or "
-                          f"not); set it back to continue it, {fix}")
+    phase = meta["phase"]
+    phases = {p.name: p for p in training_phases(config)}
+    if phase not in phases:
+        wanted = ("scst.enabled = true (and no scst.init_from)" if phase == "scst"
+                  else "no scst.init_from (it skips the cross-entropy phase)")
+        raise ConfigError(f"{label} is in the {phase} phase, which this config does not train; set {wanted} to "
+                          f"continue it, {fix}")
+    table = "train" if phase == "xe" else "scst"
+    saved_ema = saved.get(table, {}).get("weight_ema", 0.0)
+    if saved_ema != phases[phase].config.weight_ema:
+        raise ConfigError(f"{table}.weight_ema is {phases[phase].config.weight_ema!r} but {label} was trained with "
+                          f"{saved_ema!r} (its optimizer state holds the average or not); set it back to continue "
+                          f"it, {fix}")
     return meta, vocab
 
 
@@ -595,12 +538,12 @@ def _existing_run(config: TrainJobConfig, run: RunLocation) -> ExistingRun | Non
            f"starts one from this run's latest checkpoint)")
     snapshot_path = f"{run.path}/{RUN_SNAPSHOT}"
     if not _exists(run.filesystem, snapshot_path, "file"):
-        if _exists(run.filesystem, run.path, "dir") and _find_latest(run.filesystem, run.path):
+        if _exists(run.filesystem, run.path, "dir") and find_latest_checkpoint(run.path, run.filesystem):
             log.warning("the run directory %s holds checkpoints but no Ray Train snapshot (%s): Ray Train starts "
                         "the run from scratch there", run.uri, RUN_SNAPSHOT)
         return None
     try:
-        snapshot = json.loads(_read_text(run.filesystem, snapshot_path))
+        snapshot = json.loads(read_text(run.filesystem, snapshot_path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"the Ray Train run {run.name} in {run.storage_uri} cannot be continued: its {RUN_SNAPSHOT} "
                           f"is unreadable ({exc}); {fix.removeprefix('or ')}") from None
@@ -622,11 +565,9 @@ def _existing_run(config: TrainJobConfig, run: RunLocation) -> ExistingRun | Non
 
 
 def _run_is_finished(meta: dict[str, Any], config: TrainJobConfig) -> bool:
-    """Whether the worker loop would train no epoch from this checkpoint: ``train.epochs`` reached, or the
-    run stopped early (``train.patience`` epochs without a better dev score)."""
-    epoch, best = int(meta["epoch"]), int(meta["best_epoch"])
-    patience = config.train.patience
-    return epoch >= config.train.epochs or bool(patience and epoch - best >= patience)
+    """Whether the worker loop would train no epoch from this checkpoint: its last phase has its epochs, or
+    stopped early (``patience`` epochs without a better dev score)."""
+    return TrainingState.from_meta(meta).finished(training_phases(config))
 
 
 @dataclass
@@ -654,15 +595,17 @@ def validate_job(config: TrainJobConfig) -> JobPlan:
     waiting ``ray.resource_timeout_s`` for them).
     """
     from imgcap.dataset import prepare_training_data
-    from imgcap.train import build_model, check_sampled_softmax
+    from imgcap.train import build_model, check_sampled_softmax, initial_model
 
     for key, path in (("data.captions", config.data.captions), ("data.features", config.data.features),
                       ("data.train_split", config.data.train_split), ("data.dev_split", config.data.dev_split),
                       ("model.glove_path", config.model.glove_path)):
         _require_file(key, path)
-    if config.train.batch_size % config.ray.num_workers:
-        raise ConfigError(f"train.batch_size = {config.train.batch_size} (the global batch) must be divisible by "
-                          f"ray.num_workers = {config.ray.num_workers}; change one of them")
+    for phase in training_phases(config):
+        key = "train.batch_size" if phase.name == "xe" else "scst.batch_size"
+        if phase.config.batch_size % config.ray.num_workers:
+            raise ConfigError(f"{key} = {phase.config.batch_size} (the global batch) must be divisible by "
+                              f"ray.num_workers = {config.ray.num_workers}; change one of them")
     run = _run_location(config)
     _check_storage(run)
     existing = _existing_run(config, run)
@@ -680,15 +623,19 @@ def validate_job(config: TrainJobConfig) -> JobPlan:
                      "is not used", run.name, run.display(existing.checkpoint), config.ray.resume_from)
     elif config.ray.resume_from:
         resume, resume_fs, meta, vocab = _resume_checkpoint(config)
+    else:
+        start = initial_model(config)  # scst.init_from: its vocabulary (the workers load its weights)
+        if start is not None:
+            vocab, meta = start.vocab, {"feature_dim": start.feature_dim}
     try:
         data = prepare_training_data(config.data, config.text, vocab)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data: {exc}") from None
     if meta is not None and meta["feature_dim"] != data.features.dim:
         source = (f"the existing run {run.name} in {run.storage_uri}" if existing is not None
-                  else f"the checkpoint {resume}")
+                  else f"the checkpoint {resume}" if resume else f"scst.init_from ({config.scst.init_from})")
         fix = ("or choose another output_dir or ray.run_name to start a new run" if existing is not None
-               else "or drop ray.resume_from")
+               else "or drop ray.resume_from" if resume else "or point scst.init_from at a model of these features")
         raise ConfigError(f"data.features has {data.features.dim}-d features but {source} was trained on "
                           f"{meta['feature_dim']}-d ones; use the features of the same backbone (data.features) "
                           f"{fix}")
@@ -721,16 +668,20 @@ def _resume_checkpoint(config: TrainJobConfig) -> tuple[str, Any, dict[str, Any]
     if not present:
         raise ConfigError(f"ray.resume_from: {location} does not exist; point it at a checkpoint, "
                           f"run or output directory of an earlier run")
-    checkpoint = _find_latest(filesystem, root)
+    checkpoint = find_latest_checkpoint(root, filesystem)
     if checkpoint is None:
         raise ConfigError(f"ray.resume_from: no imgcap checkpoint ({CHECKPOINT_META}) under "
                           f"{location}; point it at a checkpoint, run or output directory")
     local = _is_local(location)
     shown = checkpoint if local else f"{location.partition('://')[0]}://{checkpoint}"
     meta, vocab = _check_resume(config, checkpoint, filesystem, label=f"the checkpoint {shown}")
-    if meta["epoch"] >= config.train.epochs:
-        raise ConfigError(f"the checkpoint {shown} is at epoch {meta['epoch']} and train.epochs is "
-                          f"{config.train.epochs}: nothing left to train; raise train.epochs to continue")
+    if _run_is_finished(meta, config):
+        table = "train" if meta["phase"] == "xe" else "scst"
+        raise ConfigError(f"the checkpoint {shown} is at {meta['phase']} epoch {meta['epoch']} (best {meta['best_epoch']}) "
+                          f"and its phase is done ({table}.epochs = {getattr(config, table).epochs}, "
+                          f"{table}.patience = {getattr(config, table).patience}): nothing left to train; raise "
+                          f"{table}.epochs or {table}.patience to continue"
+                          + ("" if config.scst.enabled else ", or set scst.enabled = true to fine-tune it"))
     return checkpoint, (None if local else filesystem), meta, vocab
 
 
@@ -748,7 +699,7 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from imgcap.train import EpochMetrics, build_model, write_training_outputs
+    from imgcap.train import build_model, checkpoint_best_weights, training_provenance, write_training_outputs
 
     if not ray.is_initialized():
         from imgcap.runtime import init_ray
@@ -761,9 +712,9 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
         resume_shown = plan.resume if plan.resume_filesystem is None else \
             f"{config.ray.resume_from.partition('://')[0]}://{plan.resume}"
     if plan.finished:
-        log.info("the Ray Train run %s is already finished (epoch %d, train.epochs = %d, best epoch %d): no training; "
-                 "the outputs are written from its latest checkpoint %s", run.uri, existing.meta["epoch"],
-                 config.train.epochs, existing.meta["best_epoch"], run.display(existing.checkpoint))
+        log.info("the Ray Train run %s is already finished (%s epoch %d, best epoch %d): no training; the outputs "
+                 "are written from its latest checkpoint %s", run.uri, existing.meta["phase"], existing.meta["epoch"],
+                 existing.meta["best_epoch"], run.display(existing.checkpoint))
         result = Result.from_path(run.path, storage_filesystem=run.filesystem)
     else:
         log.info("Ray Train: %d worker(s) x batch %d (global batch %d); vocabulary %d words; %d train / %d dev "
@@ -771,7 +722,8 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
                  config.train.batch_size, len(data.vocab), len(data.train_ids), len(data.dev_ids), run.uri,
                  f"; continuing it from {run.display(existing.checkpoint)}" if existing
                  else f"; resuming {resume_shown}" if resume_shown else "")
-        select_by = config.train.select_by
+        select_by = training_phases(config)[-1].config.select_by  # Ray keeps checkpoints by the last phase's score
+        score = {"bleu": ("dev_bleu4", "max"), "cider": ("dev_cider", "max"), "loss": ("dev_loss", "min")}[select_by]
         trainer = TensorflowTrainer(
             train_loop_per_worker,
             train_loop_config={"job": config_to_dict(config), "vocab": data.vocab.to_json(),
@@ -786,8 +738,7 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
                 storage_filesystem=None if run.local else run.filesystem,
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=config.ray.checkpoints_to_keep,
-                    checkpoint_score_attribute="dev_bleu4" if select_by == "bleu" else "dev_loss",
-                    checkpoint_score_order="max" if select_by == "bleu" else "min"),
+                    checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]),
                 # controller_failure_limit=-1 (V2's default, explicit here): a worker group whose placement
                 # group is not ready in RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S is retried without limit, so
                 # scheduling never fails while an autoscaler is still adding nodes (see the module docstring).
@@ -802,19 +753,17 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"the Ray Train run {run.uri} finished without a checkpoint")
 
-    with result.checkpoint.as_directory() as directory:
-        meta = read_checkpoint_meta(directory)
-        best_weights = _load_weights(Path(directory) / BEST_WEIGHTS_FILE)
-    history = [EpochMetrics(**h) for h in meta["history"]]
     model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
-    model.set_weights(best_weights)
+    with result.checkpoint.as_directory() as directory:
+        state = TrainingState.from_meta(read_checkpoint_meta(directory))
+        model.set_weights(checkpoint_best_weights(directory, model))
     run_dir = result.path if run.local else run.display(result.path)
     continued = run.display(existing.checkpoint) if existing is not None else None
-    provenance = {"train_job": config_to_dict(config), "best_epoch": meta["best_epoch"],
-                  "history": meta["history"], "ray_run": run_dir, "resumed_from": resume_shown,
+    init_from = config.scst.init_from if config.scst.enabled else None
+    provenance = {**training_provenance(config, state, init_from), "ray_run": run_dir, "resumed_from": resume_shown,
                   "continued_from": continued}
-    bundle_dir, report = write_training_outputs(config, model, data, history, provenance)
+    bundle_dir, report = write_training_outputs(config, model, data, state.history, provenance)
     best = [run.display(c.path) for c, _ in (result.best_checkpoints or [])]
-    return DistributedTrainResult(bundle_dir, history, int(meta["best_epoch"]), report, run_dir,
+    return DistributedTrainResult(bundle_dir, state.history, state.best_epoch, report, run_dir,
                                   run.display(result.checkpoint.path), best, config.ray.num_workers,
                                   resume_shown, dict(result.metrics or {}), continued, not plan.finished)

@@ -7,27 +7,36 @@ import tensorflow as tf
 from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
 from imgcap.bundle import CaptionBundle, combine_bundles, load_bundle
 from imgcap.config import DecodeConfig, ModelConfig, TextConfig, TrainConfig
-from imgcap.dataset import build_examples, iterate_batches, tokenize_corpus
+from imgcap.dataset import iterate_batches
 from imgcap.embedding import EmbeddingSpec
 from imgcap.evaluate import nltk_corpus_bleu
 from imgcap.model import CaptionEnsemble, CaptionModel
 from imgcap.text import PAD_ID, START_ID, UNK_ID, Vocabulary
-from imgcap.train import CaptionTrainer, build_model, fit
-from toy import make_toy_corpus
+from imgcap.train import CaptionBatches, CaptionTrainer, DevEvaluator, build_model, fit
+from imgcap.training_state import TrainingState
+from toy import make_toy_training
 
 
 @pytest.fixture(scope="module")
 def toy():
-    corpus, table = make_toy_corpus(400, seed=1)
-    train_ids, dev_ids = table.ids[:320], table.ids[320:]
-    tokens = tokenize_corpus(corpus, table.ids, "standard")
-    vocab = Vocabulary.build([c for i in train_ids for c in tokens[i]], min_count=1)
-    rows = table.index()
-    train = build_examples({i: tokens[i] for i in train_ids}, rows, vocab, 20)
-    dev = build_examples({i: tokens[i] for i in dev_ids}, rows, vocab, 20)
-    dev_features = table.select(dev_ids).features
-    dev_refs = [tokens[i] for i in dev_ids]
-    return vocab, table.features, train, dev, dev_features, dev_refs
+    t = make_toy_training()
+    return t.vocab, t.table.features, t.train, t.dev, t.dev_features, t.dev_references
+
+
+def fit_toy(trainer: CaptionTrainer, toy) -> tuple[TrainingState, DevEvaluator]:
+    """Cross-entropy training of `trainer` on the toy problem, as `imgcap train` runs a phase."""
+    vocab, features, train, dev, dev_features, dev_refs = toy
+    evaluator = DevEvaluator(trainer.model, vocab, dev, features, dev_features, dev_refs)
+    stream = np.random.default_rng(0)
+    batches = CaptionBatches(train, features, trainer.config.batch_size, lambda _: stream)
+    state = fit(trainer, evaluator, TrainingState("xe"), batches, num_images=320, num_captions=len(train),
+                progress=False)
+    return state, evaluator
+
+
+def dev_loss(model: CaptionModel, toy) -> float:
+    vocab, features, _, dev, dev_features, dev_refs = toy
+    return DevEvaluator(model, vocab, dev, features, dev_features, dev_refs).loss()
 
 
 @pytest.fixture(scope="module", params=["merge", "inject"])
@@ -36,9 +45,8 @@ def trained(request, toy):
     config = TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, patience=0, select_by="loss")
     model = build_model(ModelConfig(architecture=request.param, embedding_dim=32, units=64, dropout=0.1),
                         vocab, features.shape[1], seed=0)
-    trainer = CaptionTrainer(model, config)
-    before = trainer.evaluate_loss(dev, features)
-    result = fit(trainer, vocab, train, dev, features, dev_features, dev_refs, progress=False)
+    before = dev_loss(model, toy)
+    result, _ = fit_toy(CaptionTrainer(model, config), toy)
     return model, vocab, before, result
 
 
@@ -171,7 +179,7 @@ def test_label_smoothing_loss_is_larger_for_confident_correct_predictions():
     logits = tf.constant([[[10.0, 0.0, 0.0], [0.0, 10.0, 0.0]]])
     targets = tf.constant([[1, 0]])  # second token is <pad>: ignored
     plain_sum, count = masked_token_loss(logits, targets)
-    smooth_sum, _ = masked_token_loss(logits, targets, 0.1)
+    smooth_sum, _ = masked_token_loss(logits, targets, label_smoothing=0.1)
     assert float(count) == 1.0
     assert float(plain_sum) == pytest.approx(-float(tf.nn.log_softmax(logits)[0, 0, 1]), rel=1e-5)
     assert float(smooth_sum) < float(plain_sum)  # target 1 is wrong here; smoothing spreads the blame
@@ -184,9 +192,8 @@ def test_sampled_softmax_training_lowers_the_full_softmax_dev_loss(toy):
     model = build_model(ModelConfig(embedding_dim=32, units=64, dropout=0.1), vocab, features.shape[1], seed=0)
     hidden = model.hidden_states((dev_features[:4], tf.fill((4, 3), START_ID)))
     np.testing.assert_allclose(model.classifier(hidden), model((dev_features[:4], tf.fill((4, 3), START_ID))))
-    trainer = CaptionTrainer(model, config)
-    before = trainer.evaluate_loss(dev, features)  # always the full softmax
-    result = fit(trainer, vocab, train, dev, features, dev_features, dev_refs, progress=False)
+    before = dev_loss(model, toy)  # always the full softmax
+    result, _ = fit_toy(CaptionTrainer(model, config), toy)
     assert result.history[-1].dev_loss < 0.6 * before
     captions = [vocab.decode(t) for t in GreedyDecoder(model, 20).decode(dev_features).tokens]
     assert nltk_corpus_bleu(dev_refs, captions)[3] > 0.5
@@ -204,10 +211,10 @@ def test_weight_ema_evaluates_and_keeps_the_moving_average(toy):
     model = build_model(ModelConfig(embedding_dim=32, units=64, dropout=0.1), vocab, features.shape[1], seed=0)
     trainer = CaptionTrainer(model, TrainConfig(epochs=4, batch_size=32, learning_rate=3e-3, patience=0,
                                                 select_by="loss", weight_ema=decay))
-    before = trainer.evaluate_loss(dev, features)
+    before = dev_loss(model, toy)
     average = None
     for batch in list(iterate_batches(train, features, 32))[:3]:
-        trainer._train_step(batch.features, batch.inputs, batch.targets)
+        trainer.train_step(batch)
         weights = [v.numpy() for v in model.trainable_variables]
         average = weights if average is None else [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
     trained = model.get_weights()
@@ -216,7 +223,7 @@ def test_weight_ema_evaluates_and_keeps_the_moving_average(toy):
             np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
     for now, then in zip(model.get_weights(), trained):  # the trained weights are back
         np.testing.assert_array_equal(now, then)
-    result = fit(trainer, vocab, train, dev, features, dev_features, dev_refs, progress=False)
+    result, _ = fit_toy(trainer, toy)
     assert result.history[-1].dev_loss < 0.6 * before
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from imgcap.config import ConfigError, TrainJobConfig, config_from_dict
-from toy import make_toy_corpus
+from toy import write_toy_job_files
 
 EPOCHS, BATCH, LR, DECAY = 12, 32, 3e-3, 0.9
 CRASH_EPOCH = 3
@@ -27,17 +27,7 @@ CRASH_EPOCH = 3
 
 @pytest.fixture(scope="module")
 def toy_files(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("toy_data")
-    corpus, table = make_toy_corpus(300, seed=1)
-    with (root / "captions.txt").open("w", encoding="utf-8") as f:
-        for image_id in table.ids:
-            for n, caption in enumerate(corpus.captions[image_id]):
-                f.write(f"{image_id}.jpg#{n}\t{caption}\n")
-    (root / "train.txt").write_text("".join(f"{i}.jpg\n" for i in table.ids[:240]), encoding="utf-8")
-    (root / "dev.txt").write_text("".join(f"{i}.jpg\n" for i in table.ids[240:]), encoding="utf-8")
-    np.savez(root / "features.npz", ids=np.array(table.ids), features=table.features)
-    return {"captions": str(root / "captions.txt"), "features": str(root / "features.npz"),
-            "train_split": str(root / "train.txt"), "dev_split": str(root / "dev.txt")}
+    return write_toy_job_files(tmp_path_factory.mktemp("toy_data"))
 
 
 def job_config(files: dict[str, str], output_dir: Path, **tables) -> TrainJobConfig:
@@ -121,7 +111,10 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, one_
 
 
 def test_resume_continues_the_epoch_count(two_workers, toy_files, tmp_path):
-    from imgcap.distributed import STATE_FILE, train_on_ray
+    import tensorflow as tf
+
+    from imgcap.distributed import train_on_ray
+    from imgcap.training_state import CHECKPOINT_STATE
 
     previous = two_workers[0]
     more = EPOCHS + 2
@@ -132,8 +125,9 @@ def test_resume_continues_the_epoch_count(two_workers, toy_files, tmp_path):
     assert [h.epoch for h in result.history] == list(range(1, more + 1))
     assert [h.as_dict() for h in result.history[:EPOCHS]] == [h.as_dict() for h in previous.history]
     assert result.history[-1].learning_rate == pytest.approx(LR * DECAY ** (more - 1), rel=1e-5)
-    with np.load(Path(result.checkpoint) / STATE_FILE) as state:  # Adam's step count went on too
-        assert int(state["optimizer_0"]) == more * result.metrics["steps"]
+    prefix = str(Path(result.checkpoint) / CHECKPOINT_STATE)  # Adam's step count went on too
+    key = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+    assert int(tf.train.load_variable(prefix, key)) == more * result.metrics["steps"]
     assert min(h.dev_loss for h in result.history) <= min(h.dev_loss for h in previous.history) * 1.05
 
 
@@ -179,7 +173,7 @@ def test_resume_checks_the_checkpoint_against_the_config(two_workers, toy_files,
     with pytest.raises(ConfigError, match="train.weight_ema is 0.99 but the checkpoint .* was trained with 0.0"):
         train_on_ray(job_config(toy_files, tmp_path / "out", train={"epochs": EPOCHS + 1, "weight_ema": 0.99},
                                 ray={"resume_from": previous}))
-    with pytest.raises(ConfigError, match=f"at epoch {EPOCHS} and train.epochs is {EPOCHS}: .* raise train.epochs"):
+    with pytest.raises(ConfigError, match=rf"at xe epoch {EPOCHS} .* phase is done \(train.epochs = {EPOCHS}.*raise train.epochs"):
         train_on_ray(job_config(toy_files, tmp_path / "out", ray={"resume_from": previous}))
 
 
@@ -196,6 +190,43 @@ def test_train_job_reports_config_errors_with_status_2(ray_local, toy_files, tmp
     assert run_config_job(TrainJobConfig, train_on_ray,
                           ["--config", str(config), "--set", "ray.max_failures=-1"]) == 2
     assert "ray.max_failures must be >= 0" in capsys.readouterr().err
+
+
+# --- self-critical training on Ray Train: the second phase, crashed mid-epoch and restored
+
+SCST = {"enabled": True, "epochs": 3, "samples": 3, "batch_size": 30, "learning_rate": 1e-3, "patience": 0}
+
+
+@pytest.fixture(scope="module")
+def scst_two_workers(ray_local, toy_files, tmp_path_factory):
+    """2 workers: 2 cross-entropy epochs, then 3 self-critical ones; the last worker raises once in the middle of
+    self-critical epoch 2, so the restarted worker group must restore a self-critical checkpoint."""
+    from imgcap.distributed import FAIL_ONCE_ENV, train_on_ray
+
+    root = tmp_path_factory.mktemp("scst_two_workers")
+    marker = root / "crashed.txt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAIL_ONCE_ENV, f"scst/2:{marker}")
+        result = train_on_ray(job_config(toy_files, root / "out", train={"epochs": 2}, scst=SCST))
+    return result, marker
+
+
+def test_self_critical_training_resumes_from_its_checkpoint_with_two_workers(scst_two_workers):
+    from imgcap.bundle import load_bundle
+
+    result, marker = scst_two_workers
+    assert marker.is_file() and "scst epoch 2" in marker.read_text()  # the hook did raise
+    # The restarted group restored the checkpoint of self-critical epoch 1 (its optimizer, not a fresh one).
+    assert result.metrics["started_at_phase"] == "scst" and result.metrics["started_at_epoch"] == 1
+    assert [(h.phase, h.epoch) for h in result.history] == [("xe", 1), ("xe", 2), ("scst", 1), ("scst", 2),
+                                                             ("scst", 3)]
+    scst = [h for h in result.history if h.phase == "scst"]
+    assert all(h.train_reward > 0 for h in scst) and all(h.steps == math.ceil(240 / 30) for h in scst)
+    assert result.best_epoch == 1 + int(np.argmax([h.dev_cider for h in scst]))  # scst.select_by = "cider"
+    run = Path(result.run_dir)
+    assert (run / "checkpoint_scst_epoch_0003").is_dir() and result.checkpoint.endswith("checkpoint_scst_epoch_0003")
+    bundle = load_bundle(result.bundle_dir)
+    assert bundle.provenance["phase"] == "scst" and bundle.provenance["phases"] == ["xe", "scst"]
 
 
 # --- reruns: a stable run name, so the same job run again continues its Ray Train run
@@ -326,7 +357,7 @@ def test_s3_storage_path_keeps_the_run_in_the_bucket(s3_run, s3_server, toy_file
     pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2")
     keys = {o["Key"] for page in pages.paginate(Bucket=BUCKET, Prefix=f"ray/{name}/") for o in page.get("Contents", [])}
     for epoch in (1, 2):
-        assert {f"ray/{name}/checkpoint_epoch_{epoch:04d}/{f}" for f in ("state.npz", "imgcap_checkpoint.json")} <= keys
+        assert {f"ray/{name}/checkpoint_epoch_{epoch:04d}/{f}" for f in ("state.index", "imgcap_checkpoint.json")} <= keys
     assert f"ray/{name}/checkpoint_manager_snapshot.json" in keys
     assert not any(".imgcap_probe" in k for k in keys)  # the storage probe was deleted
     assert not (Path(config.output_dir) / "ray_results").exists() and (Path(config.output_dir) / "bundle").is_dir()
@@ -338,7 +369,7 @@ def test_s3_storage_path_keeps_the_run_in_the_bucket(s3_run, s3_server, toy_file
     again = train_on_ray(config)  # the finished run, read back from the bucket: no training
     assert not again.trained and [h.as_dict() for h in again.history] == [h.as_dict() for h in result.history]
     with pytest.raises(ConfigError, match=f"the checkpoint s3://{BUCKET}/ray/{name}/checkpoint_epoch_0002 is at "
-                                          f"epoch 2 and train.epochs is 2"):  # ray.resume_from as a URI
+                                          r"xe epoch 2 .* phase is done \(train.epochs = 2"):  # ray.resume_from as a URI
         train_on_ray(job_config(toy_files, Path(config.output_dir).parent / "other", train={"epochs": 2},
                                 ray={"resume_from": f"s3://{BUCKET}/ray/{name}", "storage_endpoint_url": s3_server}))
 

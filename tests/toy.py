@@ -6,10 +6,15 @@ captions name them in several phrasings. A decoder that learns anything beats ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 from imgcap.captions import CaptionCorpus
+from imgcap.dataset import CaptionExamples, build_examples, tokenize_corpus
 from imgcap.feature_table import FeatureTable
+from imgcap.text import Vocabulary
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
 OBJECTS = ["dog", "cat", "car", "ball", "bird"]
@@ -31,3 +36,45 @@ def make_toy_corpus(num_images: int = 300, seed: int = 0, noise: float = 0.3) ->
         rows.append(vector)
         captions[image_id] = [t.format(c=COLOURS[c], o=OBJECTS[o]) for t in TEMPLATES]
     return CaptionCorpus(captions), FeatureTable(ids, np.stack(rows), [f"toy://{i}" for i in ids])
+
+
+@dataclass(frozen=True)
+class ToyTraining:
+    """The toy problem split for training: 320 train and 80 dev images, vocabulary, examples, references."""
+
+    vocab: Vocabulary
+    table: FeatureTable
+    train: CaptionExamples
+    dev: CaptionExamples
+    train_references: list[list[list[str]]]
+    dev_references: list[list[list[str]]]
+
+    @property
+    def dev_features(self) -> np.ndarray:
+        return self.table.features[320:]
+
+
+def make_toy_training() -> ToyTraining:
+    corpus, table = make_toy_corpus(400, seed=1)
+    train_ids, dev_ids = table.ids[:320], table.ids[320:]
+    tokens = tokenize_corpus(corpus, table.ids, "standard")
+    vocab = Vocabulary.build([c for i in train_ids for c in tokens[i]], min_count=1)
+    rows = table.index()
+    return ToyTraining(vocab, table, build_examples({i: tokens[i] for i in train_ids}, rows, vocab, 20),
+                       build_examples({i: tokens[i] for i in dev_ids}, rows, vocab, 20),
+                       [tokens[i] for i in train_ids], [tokens[i] for i in dev_ids])
+
+
+def write_toy_job_files(root: Path) -> dict[str, str]:
+    """The toy problem (300 images) as a training job reads it: a Flickr8k-style caption file, split files
+    (240 train, 60 dev) and an .npz of features; returns the `[data]` paths."""
+    corpus, table = make_toy_corpus(300, seed=1)
+    with (root / "captions.txt").open("w", encoding="utf-8") as f:
+        for image_id in table.ids:
+            for n, caption in enumerate(corpus.captions[image_id]):
+                f.write(f"{image_id}.jpg#{n}\t{caption}\n")
+    (root / "train.txt").write_text("".join(f"{i}.jpg\n" for i in table.ids[:240]), encoding="utf-8")
+    (root / "dev.txt").write_text("".join(f"{i}.jpg\n" for i in table.ids[240:]), encoding="utf-8")
+    np.savez(root / "features.npz", ids=np.array(table.ids), features=table.features)
+    return {"captions": str(root / "captions.txt"), "features": str(root / "features.npz"),
+            "train_split": str(root / "train.txt"), "dev_split": str(root / "dev.txt")}
