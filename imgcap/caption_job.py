@@ -38,9 +38,11 @@ from imgcap.captions import read_captions, read_split_file
 from imgcap.config import CaptionJobConfig, ConfigError, DecodeConfig
 from imgcap.embedding import resolve_weights
 from imgcap.evaluate import EvaluationReport, coco_available, evaluate_captions
+from imgcap.fault_injection import fault_point
 from imgcap.feature_table import FEATURE_SCHEMA, feature_matrix, feature_rows, load_features
 from imgcap.imaging import pixels_dataset
-from imgcap.runtime import actor_pool_args, check_gpus_schedulable, import_tensorflow, init_ray
+from imgcap.runtime import (Recovery, RecoveryWatch, actor_pool_args, check_gpus_schedulable, import_tensorflow,
+                            init_ray)
 from imgcap.sinks import CAPTION_SCHEMA, INCOMPLETE_DIR, OutputDirectory, reference_rows, thumbnails_of, write_report
 from imgcap.sources import S3Options, list_images, filesystem_for
 from imgcap.text import normalize
@@ -69,6 +71,7 @@ class BundleCaptioner:
         self.decode = decode
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        fault_point("caption")
         has_feature = pc.and_(pc.is_null(batch["error"]), pc.is_valid(batch["feature"]))
         ok = has_feature.to_numpy(zero_copy_only=False)
         captions: list[str | None] = [None] * batch.num_rows
@@ -121,6 +124,7 @@ class CaptionJobResult:
     report: EvaluationReport | None
     outputs: dict[str, str]  # what was written: captions, report, scores, html
     failures: tuple[tuple[str, str], ...] = ()
+    recovery: Recovery | None = None  # what Ray retried (None: not known, or nothing ran)
 
     @property
     def missing(self) -> int:
@@ -137,6 +141,8 @@ class CaptionJobResult:
             lines.append(f"  {self.incomplete_files} incomplete file(s) of an interrupted run moved to "
                          f"{INCOMPLETE_DIR}/ (their images were captioned again)")
         lines += [f"  failed: {image_id}: {error}" for image_id, error in self.failures]
+        if self.recovery is not None and self.recovery.anything:
+            lines.append(f"  {self.recovery.format()}")
         if self.missing:
             lines.append(f"  WARNING: {self.missing} listed image(s) have no row; rerun to caption them")
         if self.report is not None:
@@ -228,9 +234,11 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
     done, incomplete = captions_out.scan({"bundle": bundle.fingerprint, "decoding": decode.label})
 
     init_ray()
+    watch = RecoveryWatch()
     source = _images_dataset if config.sources else _features_dataset
     captions, listed, skipped = source(config, bundle, done, decode, s3)
     written = captions_out.write(captions, CAPTION_SCHEMA, config.rows_per_file) if captions is not None else None
+    recovery = watch.report() if written is not None else None
     seconds = time.perf_counter() - started
 
     outputs = {"captions": captions_out.uri}
@@ -252,7 +260,7 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
     outputs["html"] = write_contact_sheet(config, captions_out, table, scored, report)
     ok, failed, failures = (written.ok, written.failed, written.failures) if written else (0, 0, ())
     return CaptionJobResult(config.output_dir, listed, skipped, ok, failed, seconds, incomplete, report, outputs,
-                            failures)
+                            failures, recovery)
 
 
 def write_contact_sheet(config: CaptionJobConfig, captions_out: OutputDirectory, table: pa.Table,

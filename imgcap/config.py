@@ -384,6 +384,12 @@ class S3Config:
     region: str | None = None
     profile: str | None = None  # a profile of ~/.aws/config; AWS_PROFILE also works
     anonymous: bool = False  # unsigned requests, for public buckets
+    # attempts per S3 request (AWS SDK standard retries: 500/503/SlowDown/throttling and connection errors,
+    # exponential backoff with jitter); beyond them a read task is retried whole, a listing fails
+    max_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        require(self.max_attempts >= 1, f"max_attempts must be >= 1, got {self.max_attempts}")
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,10 @@ class CnnEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         """A Ray Data batch from `imgcap.imaging.pixels_batch` -> feature rows (FEATURE_SCHEMA, plus the
         batch's `thumbnail` column when it has one)."""
+        from imgcap.fault_injection import fault_point
         from imgcap.feature_table import feature_rows
 
+        fault_point("cnn")
         errors = [str(e) for e in batch["error"]]
         ok = np.array([not e for e in errors], dtype=bool)
         table = feature_rows([str(i) for i in batch["image_id"]], [str(s) for s in batch["source"]],

@@ -17,7 +17,7 @@ from imgcap.config import ExtractConfig
 from imgcap.embedding import EMBEDDING_FILE, EmbeddingSpec, embed_dataset, resolve_weights
 from imgcap.feature_table import FEATURE_SCHEMA
 from imgcap.imaging import pixels_dataset
-from imgcap.runtime import check_gpus_schedulable, init_ray
+from imgcap.runtime import Recovery, RecoveryWatch, check_gpus_schedulable, init_ray
 from imgcap.sinks import INCOMPLETE_DIR, OutputDirectory
 from imgcap.sources import S3Options, list_images
 
@@ -37,6 +37,7 @@ class ExtractionSummary:
     files_written: int
     incomplete_files: int  # unreadable files left by an interrupted run, moved to _incomplete/
     failures: tuple[tuple[str, str], ...] = ()  # the first few (image_id, error)
+    recovery: Recovery | None = None  # what Ray retried (None: not known, or nothing ran)
 
     @property
     def missing(self) -> int:
@@ -60,6 +61,8 @@ class ExtractionSummary:
         lines += [f"  failed: {image_id}: {error}" for image_id, error in self.failures]
         if self.failed > len(self.failures):
             lines.append(f"  ... {self.failed - len(self.failures)} more failures (rows with an error in the output)")
+        if self.recovery is not None and self.recovery.anything:
+            lines.append(f"  {self.recovery.format()}")
         if self.missing:
             lines.append(f"  WARNING: {self.missing} listed image(s) have no row; rerun to extract them")
         return "\n".join(lines)
@@ -94,10 +97,11 @@ def extract_features(config: ExtractConfig) -> ExtractionSummary:
         return ExtractionSummary(config.output_dir, spec.tag, len(refs), len(refs), 0, 0,
                                  time.perf_counter() - started, 0, incomplete)
     init_ray()
+    watch = RecoveryWatch()
     check_gpus_schedulable(config.pool, "gpus_per_actor")
     pixels = pixels_dataset(todo, spec.imaging(config.max_pixels), s3, config.shard_size)
     features = embed_dataset(pixels, spec, weights, config.batch_size, config.pool)
     written = output.write(features, FEATURE_SCHEMA, config.rows_per_file)
     return ExtractionSummary(config.output_dir, spec.tag, len(refs), len(refs) - len(todo), written.ok,
                              written.failed, time.perf_counter() - started, written.files, incomplete,
-                             written.failures)
+                             written.failures, watch.report())

@@ -186,8 +186,10 @@ def pixels_batch(batch: pa.Table, options: ImagingOptions, thumbnail_size: int =
 
 def _read_shards(batch: pa.Table, s3: Any, chunk: int) -> Iterator[pa.Table]:
     """Ray Data task: shard rows -> raw image rows (image_id, source, data, error), `chunk` at a time."""
+    from imgcap.fault_injection import fault_point
     from imgcap.sources import read_shard
 
+    fault_point("read")
     for shard in batch.to_pylist():
         for raws in read_shard(shard, s3, chunk):
             yield pa.table({
@@ -196,6 +198,9 @@ def _read_shards(batch: pa.Table, s3: Any, chunk: int) -> Iterator[pa.Table]:
                 "data": pa.array([r.data for r in raws], pa.binary()),
                 "error": pa.array([r.error for r in raws], pa.string()),
             })
+
+
+READ_TASK_RETRIES = 10
 
 
 def _task_memory(options: ImagingOptions, images: int) -> int:
@@ -218,7 +223,11 @@ def pixels_dataset(refs: Sequence[Any], options: ImagingOptions, s3: Any, shard_
     from imgcap.sources import plan_shards
 
     shards = plan_shards(refs, shard_size)
-    task_args = {"num_cpus": 1, "memory": _task_memory(options, shard_size)}
+    # A read task that dies with its worker or node, or raises an OSError (what `read_shard` lets through: a
+    # storage error still transient after the filesystem's own retries), is run again, a bounded number of
+    # times so a persistent failure ends the job instead of looping; its rows are emitted once either way.
+    task_args = {"num_cpus": 1, "memory": _task_memory(options, shard_size), "max_retries": READ_TASK_RETRIES,
+                 "retry_exceptions": [OSError]}
     return (
         ray.data.from_items(shards, override_num_blocks=len(shards))
         .map_batches(_read_shards, fn_kwargs={"s3": s3, "chunk": min(32, shard_size)}, batch_size=1,

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -114,7 +115,11 @@ def actor_pool_args(pool: "ActorPoolConfig") -> dict[str, Any]:
     import ray.data
 
     compute = ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=max(pool.actors, pool.max_actors))
-    args: dict[str, Any] = {"compute": compute, "num_cpus": pool.cpus_per_actor}
+    # Ray Data's defaults today, stated so a change of them cannot silently drop work: an actor that dies
+    # (OOM kill, lost node, crash) is restarted without limit, and the batches it held are resubmitted to the
+    # pool without limit; each batch's rows reach the writer once (tests/test_faults.py).
+    args: dict[str, Any] = {"compute": compute, "num_cpus": pool.cpus_per_actor,
+                            "max_restarts": -1, "max_task_retries": -1}
     if pool.gpus_per_actor > 0:
         args["num_gpus"] = pool.gpus_per_actor
     return args
@@ -179,3 +184,75 @@ def check_gpus_schedulable(pool: "ActorPoolConfig", key: str) -> None:
         return
     raise ConfigError(f"{key} = {pool.gpus_per_actor:g} but this Ray cluster has no GPU for it and no autoscaler "
                       f"to add one: set {key} = 0 to run on CPU, or run on a cluster with GPU nodes")
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What Ray recovered from while a job ran, as its state API recorded it."""
+
+    actor_restarts: dict[str, int]  # actor class -> restarts (a dead actor brought back with its state lost)
+    task_retries: dict[str, int]  # task or actor method -> failed attempts that were run again
+    nodes_lost: int  # nodes that died while the job ran
+
+    def format(self) -> str:
+        """One line for a job's summary."""
+        def counts(found: dict[str, int]) -> str:
+            return ", ".join(f"{name} x{n}" for name, n in sorted(found.items())) or "none"
+
+        return (f"recovered: nodes lost {self.nodes_lost}; actor restarts: {counts(self.actor_restarts)}; "
+                f"task attempts retried: {counts(self.task_retries)}")
+
+    @property
+    def anything(self) -> bool:
+        return bool(self.nodes_lost or self.actor_restarts or self.task_retries)
+
+
+class RecoveryWatch:
+    """Counts the actor restarts, task retries and lost nodes of this driver's Ray job, from the moment it is
+    made (Ray must be initialised). Ray retries silently; this is how a job's summary can say what it retried.
+    Reads the state API of the Ray dashboard: without one (``include_dashboard=False``) `report` is None."""
+
+    def __init__(self) -> None:
+        import ray
+
+        context = ray.get_runtime_context()
+        self.job_id = context.get_job_id()
+        # this driver's cluster, named: left to itself the state API refuses to choose when a machine runs two
+        self.address = context.gcs_address
+        self.dead_before = self._dead_nodes()
+
+    def _dead_nodes(self) -> set[str] | None:
+        from ray.util.state import list_nodes
+
+        try:
+            return {n.node_id for n in list_nodes(address=self.address, filters=[("state", "=", "DEAD")],
+                                                  limit=10_000, raise_on_missing_output=False)}
+        except Exception as exc:  # no dashboard, or a state API that moved: the summary says less, nothing fails
+            log.debug("Ray state API unavailable: %s", exc)
+            return None
+
+    def report(self) -> Recovery | None:
+        """What was recovered since this watch was made, or None when Ray's state API cannot say."""
+        from ray.util.state import list_actors, list_tasks
+
+        dead_now = self._dead_nodes()
+        if dead_now is None or self.dead_before is None:
+            return None
+        job = [("job_id", "=", self.job_id)]
+        try:
+            actors = list_actors(address=self.address, filters=job, detail=True, limit=10_000,
+                                 raise_on_missing_output=False)
+            failed = list_tasks(address=self.address, filters=[*job, ("state", "=", "FAILED")], limit=10_000,
+                                raise_on_missing_output=False)
+        except Exception as exc:
+            log.debug("Ray state API unavailable: %s", exc)
+            return None
+        restarts: dict[str, int] = {}
+        for actor in actors:
+            if actor.num_restarts:
+                restarts[actor.class_name] = restarts.get(actor.class_name, 0) + int(actor.num_restarts)
+        retries: dict[str, int] = {}
+        for task in failed:  # a failed attempt of a job that went on to finish was retried
+            if task.error_type != "TASK_CANCELLED":
+                retries[task.name] = retries.get(task.name, 0) + 1
+        return Recovery(restarts, retries, len(dead_now - self.dead_before))

@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from imgcap.evaluate import EvaluationReport, nltk_sentence_bleu
-from imgcap.sources import S3Options, filesystem_for
+from imgcap.sources import S3Options, filesystem_for, is_transient, retry_transient
 
 INCOMPLETE_DIR = "_incomplete"  # where unreadable Parquet files of an interrupted run are moved
 _FAILURE_EXAMPLES = 5
@@ -86,8 +86,10 @@ class OutputDirectory:
         columns = ["image_id", *(expect or {})]
         for path in self.files():
             try:
-                table = pq.read_table(path, columns=columns, filesystem=self.filesystem)
-            except (OSError, pa.ArrowException):
+                table = self.read_table(path, columns=columns)
+            except (OSError, pa.ArrowException) as exc:
+                if is_transient(exc):  # the store failing, not the file: never set a good file aside
+                    raise
                 self.filesystem.create_dir(f"{self.path}/{INCOMPLETE_DIR}")
                 self.filesystem.move(path, f"{self.path}/{INCOMPLETE_DIR}/{path.rsplit('/', 1)[-1]}")
                 moved += 1
@@ -114,7 +116,7 @@ class OutputDirectory:
         ok = failed = 0
         failures: list[tuple[str, str]] = []
         for path in written:
-            table = pq.read_table(path, columns=["image_id", "error"], filesystem=self.filesystem)
+            table = self.read_table(path, columns=["image_id", "error"])
             bad = table.filter(pc.is_valid(table["error"]))
             failed += bad.num_rows
             ok += table.num_rows - bad.num_rows
@@ -128,8 +130,12 @@ class OutputDirectory:
         if not files:
             empty = schema.empty_table()
             return empty.select(columns) if columns else empty
-        return pa.concat_tables([pq.read_table(f, columns=columns, schema=schema, filesystem=self.filesystem)
+        return pa.concat_tables([self.read_table(f, columns=columns, schema=schema)
                                  for f in files])
+
+    def read_table(self, path: str, **options: Any) -> pa.Table:
+        """One Parquet file of this directory (a path from `files`), retried over transient storage errors."""
+        return retry_transient(lambda: pq.read_table(path, filesystem=self.filesystem, **options))
 
     def write_file(self, name: str, data: bytes) -> str:
         """Write one whole file next to the Parquet files (a sidecar); returns its path in the filesystem."""
@@ -186,7 +192,7 @@ def thumbnails_of(captions_dir: OutputDirectory, image_ids: Iterable[str]) -> di
     wanted = pa.array(sorted(set(image_ids)), pa.string())
     found: dict[str, bytes] = {}
     for path in captions_dir.files():
-        table = pq.read_table(path, columns=["image_id", "thumbnail"], filesystem=captions_dir.filesystem)
+        table = captions_dir.read_table(path, columns=["image_id", "thumbnail"])
         table = table.filter(pc.and_(pc.is_in(table["image_id"], value_set=wanted), pc.is_valid(table["thumbnail"])))
         found.update(zip(table["image_id"].to_pylist(), table["thumbnail"].to_pylist()))
     return found

@@ -35,6 +35,12 @@ images and archives apart, reading archive members in place, image ids, and shar
 S3 access uses the AWS SDK's usual sources: credentials from the environment / shared config / instance
 role, `AWS_PROFILE` or the `profile` option, `AWS_ENDPOINT_URL` or the `endpoint_url` option for
 S3-compatible stores (MinIO, Ceph, moto), and `anonymous = true` for public buckets.
+
+Faults: every S3 request is retried by the AWS SDK (`max_attempts`, standard mode: 500, 503, SlowDown,
+throttling and connection errors, exponential backoff with jitter). A read still failing with one of those
+after that is raised out of `read_shard` as `TransientReadError`, so the Ray task reading the shard is retried
+whole (`imgcap.imaging.pixels_dataset`) instead of turning images into error rows; an image that cannot be
+read for good (missing key, access denied, corrupt archive) is an error row. Listing fails fast naming the URI.
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ import io
 import os
 import posixpath
 import tarfile
+import time
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -73,11 +82,12 @@ class S3Options:
     region: str | None = None
     profile: str | None = None
     anonymous: bool = False
+    max_attempts: int = 10  # per request, AWS SDK standard retries
 
     @classmethod
     def from_config(cls, config: Any) -> "S3Options":
         """From a job's `[s3]` table (imgcap.config.S3Config)."""
-        return cls(config.endpoint_url, config.region, config.profile, config.anonymous)
+        return cls(config.endpoint_url, config.region, config.profile, config.anonymous, config.max_attempts)
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,8 @@ def _s3_filesystem(options: S3Options) -> Any:
     import pyarrow.fs as pafs
 
     endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"anonymous": options.anonymous}
+    kwargs: dict[str, Any] = {"anonymous": options.anonymous,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts)}
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
@@ -415,13 +426,52 @@ def plan_shards(refs: Sequence[ImageRef], shard_size: int) -> list[dict[str, Any
 _SHARD_FIELDS = ("image_id", "source", "location", "member", "offset", "size")
 
 
-def _error_text(exc: BaseException) -> str:
+class TransientReadError(OSError):
+    """A read that failed with a transient storage error even after the filesystem's retries (see the module
+    docstring): the whole shard is to be read again, not its images marked unreadable."""
+
+
+# How pyarrow (the AWS SDK) words the S3 errors that are worth another try: the same set Ray Data retries its
+# own file writes on (`DataContext.retried_io_errors`), plus throttling and timeouts. "Failed to flush response
+# stream" is a 500/503 answered to a small ranged GET (a Parquet footer): the SDK writes the error's XML into
+# the caller's buffer sized for the range, the stream overflows, and the SDK reports a non-retryable
+# INTERNAL_FAILURE without the status (seen with tests/flaky_s3.py; apache/doris#66557 tells the same story).
+_TRANSIENT_ERRORS = ("AWS Error INTERNAL_FAILURE", "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN",
+                     "AWS Error SERVICE_UNAVAILABLE", "AWS Error THROTTLING", "HTTP status 500",
+                     "HTTP status 503", "Failed to flush response stream", "Timeout", "Connection reset")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error is worth another try (see `_TRANSIENT_ERRORS`)."""
+    return isinstance(exc, OSError) and any(marker in str(exc) for marker in _TRANSIENT_ERRORS)
+
+
+def retry_transient(call: Callable[[], T], attempts: int = 5, first_wait_s: float = 0.2) -> T:
+    """`call()`, again after a transient storage error, up to `attempts` times with doubling waits. For the
+    driver's reads of outputs: the AWS SDK retries a request, but not a response stream that breaks mid-body
+    ("Failed to flush response stream"), which pyarrow then raises as INTERNAL_FAILURE."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except OSError as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(first_wait_s * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _permanent_error(exc: BaseException) -> str:
+    """The error row's text for an image that cannot be read for good; a transient failure is raised again as
+    `TransientReadError` instead (it must not become a row)."""
+    if is_transient(exc):
+        raise TransientReadError(f"transient storage error (the read task is retried): {exc}") from exc
     return f"unreadable: {type(exc).__name__}: {exc}"
 
 
 def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> Iterator[list[RawImage]]:
-    """Read the bytes of every image of a shard, `chunk` images at a time. Never raises for a bad image or a
-    bad archive: those become RawImage rows with `data=None` and an error message."""
+    """Read the bytes of every image of a shard, `chunk` images at a time. A bad image or a bad archive becomes
+    RawImage rows with `data=None` and an error message; only a transient storage error raises
+    (`TransientReadError`: read the shard again)."""
     refs = [ImageRef(*fields, mode=shard["mode"]) for fields in zip(*(shard[name] for name in _SHARD_FIELDS))]
     out: list[RawImage] = []
     emitted: set[str] = set()
@@ -438,7 +488,7 @@ def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> It
             try:
                 data = read_range(ref.location, options, ref.offset, ref.size)
             except Exception as exc:  # any failure to read one file is that image's error row
-                yield from emit(ref, None, _error_text(exc))
+                yield from emit(ref, None, _permanent_error(exc))
             else:
                 yield from emit(ref, data)
     elif shard["mode"] == "zip":
@@ -449,13 +499,13 @@ def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> It
                     try:
                         data = archive.read(ref.member)
                     except Exception as exc:  # a corrupt member fails alone
-                        yield from emit(ref, None, _error_text(exc))
+                        yield from emit(ref, None, _permanent_error(exc))
                     else:
                         yield from emit(ref, data)
         except Exception as exc:  # the archive itself is unreadable: every image not yet emitted fails
             for ref in refs:
                 if ref.image_id not in emitted:
-                    yield from emit(ref, None, _error_text(exc))
+                    yield from emit(ref, None, _permanent_error(exc))
     else:
         wanted = {ref.member: ref for ref in refs}
         try:
@@ -468,13 +518,13 @@ def read_shard(shard: dict[str, Any], options: S3Options, chunk: int = 32) -> It
                     try:
                         data = archive.extractfile(member).read()
                     except Exception as exc:
-                        yield from emit(ref, None, _error_text(exc))
+                        yield from emit(ref, None, _permanent_error(exc))
                     else:
                         yield from emit(ref, data)
             for ref in list(wanted.values()):
                 yield from emit(ref, None, "unreadable: member not found in archive")
         except Exception as exc:  # truncated / corrupt stream: the members not reached fail
             for ref in list(wanted.values()):
-                yield from emit(ref, None, _error_text(exc))
+                yield from emit(ref, None, _permanent_error(exc))
     if out:
         yield out

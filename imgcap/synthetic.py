@@ -126,3 +126,20 @@ def make_shapes_dataset(out_dir: str | Path, num_images: int = 600, image_size: 
     paths.train_split.write_text("".join(f"{i}.jpg\n" for i in train), encoding="utf-8")
     paths.dev_split.write_text("".join(f"{i}.jpg\n" for i in dev), encoding="utf-8")
     return paths
+
+
+def untrained_bundle(directory: str | Path) -> str:
+    """A bundle of a real but untrained merge decoder over `thumbnail` features (no CNN weights needed): it
+    captions deterministically, fast, from any image. For the tests and the fault benchmarks, where what is
+    measured is that every image gets its row, not what the caption says. Returns the bundle directory."""
+    from imgcap.bundle import CaptionBundle
+    from imgcap.config import DecodeConfig, ModelConfig, TextConfig
+    from imgcap.embedding import EmbeddingSpec
+    from imgcap.text import Vocabulary
+    from imgcap.train import build_model
+
+    vocab = Vocabulary.build([["a", "red", "dog"], ["a", "blue", "cat"]], 1, "standard")
+    model = build_model(ModelConfig(embedding_dim=16, units=16), vocab, 768, seed=0)
+    bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6),
+                           EmbeddingSpec("thumbnail"))
+    return str(bundle.save(directory))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,14 +19,27 @@ FAKE_AWS_ENV = {
 }
 
 
+# Where tests arm injected faults (imgcap.fault_injection): every Ray worker of the test clusters reads it.
+FAULTS_FILE = Path(tempfile.gettempdir()) / f"imgcap-test-faults-{os.getpid()}"
+TEST_WORKER_ENV = {**FAKE_AWS_ENV, "TF_CPP_MIN_LOG_LEVEL": "2", "IMGCAP_TEST_FAULTS": str(FAULTS_FILE)}
+
+
+def start_local_ray() -> None:
+    """The 2-CPU local Ray of the test session. Its workers get the fake AWS credentials, so Ray tasks can read
+    from the `s3_server` fixture, and the fault file; the dashboard runs for the jobs' recovery reports."""
+    import ray
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": TEST_WORKER_ENV})
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[object]:
-    """A 2-CPU local Ray cluster shared by the session. Its workers get the fake AWS credentials, so Ray
-    tasks can read from the `s3_server` fixture (the endpoint itself is passed explicitly by each test)."""
+    """The session's local Ray cluster (`start_local_ray`), shared by the tests that need one."""
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {**FAKE_AWS_ENV, "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    if not ray.is_initialized():
+        start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -15,17 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from _imaging import SHARED, jpeg_bytes
 
-from imgcap.bundle import CaptionBundle, load_bundle
+from imgcap.bundle import load_bundle
 from imgcap.caption_job import caption_photos, run_caption_job
 from imgcap.config import (
     CaptionJobConfig,
     CnnConfig,
-    DecodeConfig,
     ExtractConfig,
-    ModelConfig,
     S3Config,
     SourceConfig,
-    TextConfig,
     TrainJobConfig,
     config_from_dict,
 )
@@ -35,7 +32,7 @@ from imgcap.feature_table import load_features
 from imgcap.imaging import load_pixels
 from imgcap.sinks import CAPTION_SCHEMA, OutputDirectory
 from imgcap.sources import S3Options
-from imgcap.text import Vocabulary
+from imgcap.synthetic import untrained_bundle
 
 FLICKR = SHARED / "flickr8k"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
@@ -110,17 +107,6 @@ def test_images_features_and_imgcap_caption_agree_on_the_shared_images(ray_local
     assert cosine.min() > 0.999
 
 
-def tiny_bundle(directory) -> str:
-    """A real (untrained) merge decoder over `thumbnail` features: it captions deterministically."""
-    from imgcap.train import build_model
-
-    vocab = Vocabulary.build([["a", "red", "dog"], ["a", "blue", "cat"]], 1, "standard")
-    model = build_model(ModelConfig(embedding_dim=16, units=16), vocab, 768, seed=0)
-    bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6),
-                           EmbeddingSpec("thumbnail"))
-    return str(bundle.save(directory))
-
-
 def test_tar_gz_on_s3_to_s3_outputs_then_rerun_duplicates_nothing(ray_local, s3_server, tmp_path):
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket="bulk")
@@ -136,7 +122,7 @@ def test_tar_gz_on_s3_to_s3_outputs_then_rerun_duplicates_nothing(ray_local, s3_
     references = tmp_path / "captions.txt"  # Kaggle layout: image,caption
     references.write_text("image,caption\n" + "".join(f"img{i:03d}.jpg,a red dog\n" for i in range(0, 40, 2)))
 
-    bundle = tiny_bundle(tmp_path / "bundle")  # the bundle is on S3 too: each caption actor fetches it
+    bundle = untrained_bundle(tmp_path / "bundle")  # the bundle is on S3 too: each caption actor fetches it
     for path in sorted(Path(bundle).iterdir()):
         client.put_object(Bucket="bulk", Key=f"bundles/tiny/{path.name}", Body=path.read_bytes())
     config = CaptionJobConfig(bundle="s3://bulk/bundles/tiny",

@@ -91,3 +91,93 @@ def test_caption_job_config_keeps_uris_and_resolves_paths(tmp_path):
     assert config.bundle == "s3://b/bundle" and config.output_dir == "s3://b/out"
     assert config.sources[0].path == str(tmp_path / "imgs") and config.cnn.pool.max_actors == 4
     assert config.pool.gpus_per_actor == 0 and config.cnn.weights == "imagenet"
+
+
+# --- every key of every job: a wrong type, an unknown key, each named in the error
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import re  # noqa: E402
+import types  # noqa: E402
+import typing  # noqa: E402
+
+from imgcap.config import CaptionJobConfig, ExtractConfig, config_from_dict  # noqa: E402
+
+JOB_MINIMA = {
+    TrainJobConfig: {"data": {"captions": "caps.txt", "features": "f.npz"}},
+    ExtractConfig: {"sources": [{"path": "images"}]},
+    CaptionJobConfig: {"bundle": "bundle", "sources": [{"path": "images"}]},
+}
+
+
+def wrong_value(annotation):
+    """A value of the wrong type for a key of type `annotation` (None: no wrong value is possible)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation) or origin is list:
+        return 7
+    if origin is typing.Literal:
+        return "no-such-choice"
+    return {int: "seven", float: "seven", str: 7, bool: "yes"}.get(annotation)
+
+
+def leaf_keys(cls, prefix=""):
+    """(dotted key, annotation) of every key under `cls`, tables included (not lists of tables)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, annotation = f"{prefix}{f.name}", hints[f.name]
+        yield key, annotation
+        inner = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)] or (
+            [annotation] if dataclasses.is_dataclass(annotation) else [])
+        if inner and typing.get_origin(annotation) is not list:
+            yield from leaf_keys(inner[0], f"{key}.")
+
+
+def with_value(table, dotted, value):
+    table = copy.deepcopy(table)
+    node = table
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return table
+
+
+@pytest.mark.parametrize("cls", list(JOB_MINIMA), ids=lambda c: c.__name__)
+def test_every_key_of_every_job_is_type_checked_and_named(cls, tmp_path):
+    minimal = JOB_MINIMA[cls]
+    config_from_dict(cls, minimal, tmp_path)  # the minimum is valid
+    checked = 0
+    for key, annotation in leaf_keys(cls):
+        value = wrong_value(annotation)
+        if value is None:
+            continue
+        with pytest.raises(ConfigError, match="^" + re.escape(key) + r"\b") as raised:
+            config_from_dict(cls, with_value(minimal, key, value), tmp_path)
+        assert repr(value) in str(raised.value) or "must be" in str(raised.value), (key, raised.value)
+        checked += 1
+    assert checked >= len([f for f in dataclasses.fields(cls)])  # every top-level key, and the nested ones
+
+    tables = [""] + [k + "." for k, a in leaf_keys(cls) if dataclasses.is_dataclass(a)]
+    for table in tables:  # a typo in any table is named, with the valid keys
+        with pytest.raises(ConfigError, match=rf"{table.rstrip('.') or ''}.*unknown key\(s\) colour"):
+            config_from_dict(cls, with_value(minimal, f"{table}colour", 1), tmp_path)
+
+
+@pytest.mark.parametrize("cls, key, value, message", [
+    (ExtractConfig, "s3.max_attempts", 0, "s3.max_attempts must be >= 1"),
+    (CaptionJobConfig, "s3.max_attempts", 0, "s3.max_attempts must be >= 1"),
+    (ExtractConfig, "batch_size", 0, "batch_size must be >= 1"),
+    (ExtractConfig, "max_actors", -1, "max_actors must be 0"),
+    (CaptionJobConfig, "cnn.batch_size", 0, "cnn.batch_size must be >= 1"),
+    (CaptionJobConfig, "thumbnail_size", -1, "thumbnail_size must be >= 0"),
+    (CaptionJobConfig, "decode.beam_width", 0, "decode.beam_width"),
+    (TrainJobConfig, "ray.num_workers", 0, "ray.num_workers"),
+    (TrainJobConfig, "scst.samples", 1, "scst.samples"),
+    (TrainJobConfig, "train.patience", -1, "train.patience must be >= 0"),
+])
+def test_out_of_range_values_name_the_key(cls, key, value, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        config_from_dict(cls, with_value(JOB_MINIMA[cls], key, value), tmp_path)

@@ -78,3 +78,4 @@ def write_toy_job_files(root: Path) -> dict[str, str]:
     np.savez(root / "features.npz", ids=np.array(table.ids), features=table.features)
     return {"captions": str(root / "captions.txt"), "features": str(root / "features.npz"),
             "train_split": str(root / "train.txt"), "dev_split": str(root / "dev.txt")}
+
