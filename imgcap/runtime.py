@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -208,9 +209,11 @@ class Recovery:
 
 
 class RecoveryWatch:
-    """Counts the actor restarts, task retries and lost nodes of this driver's Ray job, from the moment it is
-    made (Ray must be initialised). Ray retries silently; this is how a job's summary can say what it retried.
-    Reads the state API of the Ray dashboard: without one (``include_dashboard=False``) `report` is None."""
+    """Counts the actor restarts, task retries and lost nodes of Ray's recovery from the moment it is made (Ray
+    must be initialised). Ray retries silently; this is how a job's summary can say what it retried. Ray's state
+    API counts per Ray job, i.e. per driver, so what a driver recovered before (an earlier job in the same
+    process) is taken as a baseline and left out. Reads the state API of the Ray dashboard: without one
+    (``include_dashboard=False``) `report` is None."""
 
     def __init__(self) -> None:
         import ray
@@ -219,40 +222,35 @@ class RecoveryWatch:
         self.job_id = context.get_job_id()
         # this driver's cluster, named: left to itself the state API refuses to choose when a machine runs two
         self.address = context.gcs_address
-        self.dead_before = self._dead_nodes()
+        self.before = self._tally()
 
-    def _dead_nodes(self) -> set[str] | None:
-        from ray.util.state import list_nodes
+    def _tally(self) -> Recovery | None:
+        """Everything recovered so far: lost nodes of the cluster, restarts and retries of this driver's job."""
+        from ray.util.state import list_actors, list_nodes, list_tasks
 
-        try:
-            return {n.node_id for n in list_nodes(address=self.address, filters=[("state", "=", "DEAD")],
-                                                  limit=10_000, raise_on_missing_output=False)}
-        except Exception as exc:  # no dashboard, or a state API that moved: the summary says less, nothing fails
-            log.debug("Ray state API unavailable: %s", exc)
-            return None
-
-    def report(self) -> Recovery | None:
-        """What was recovered since this watch was made, or None when Ray's state API cannot say."""
-        from ray.util.state import list_actors, list_tasks
-
-        dead_now = self._dead_nodes()
-        if dead_now is None or self.dead_before is None:
-            return None
         job = [("job_id", "=", self.job_id)]
         try:
+            dead = list_nodes(address=self.address, filters=[("state", "=", "DEAD")], limit=10_000,
+                              raise_on_missing_output=False)
             actors = list_actors(address=self.address, filters=job, detail=True, limit=10_000,
                                  raise_on_missing_output=False)
             failed = list_tasks(address=self.address, filters=[*job, ("state", "=", "FAILED")], limit=10_000,
                                 raise_on_missing_output=False)
-        except Exception as exc:
+        except Exception as exc:  # no dashboard, or a state API that moved: the summary says less, nothing fails
             log.debug("Ray state API unavailable: %s", exc)
             return None
-        restarts: dict[str, int] = {}
+        restarts: Counter[str] = Counter()
         for actor in actors:
-            if actor.num_restarts:
-                restarts[actor.class_name] = restarts.get(actor.class_name, 0) + int(actor.num_restarts)
-        retries: dict[str, int] = {}
-        for task in failed:  # a failed attempt of a job that went on to finish was retried
-            if task.error_type != "TASK_CANCELLED":
-                retries[task.name] = retries.get(task.name, 0) + 1
-        return Recovery(restarts, retries, len(dead_now - self.dead_before))
+            restarts[actor.class_name] += int(actor.num_restarts or 0)
+        # a failed attempt of a job that went on to finish was retried
+        retries = Counter(task.name for task in failed if task.error_type != "TASK_CANCELLED")
+        return Recovery(dict(restarts), dict(retries), len(dead))
+
+    def report(self) -> Recovery | None:
+        """What was recovered since this watch was made, or None when Ray's state API cannot say."""
+        now = self._tally()
+        if now is None or self.before is None:
+            return None
+        restarts = Counter(now.actor_restarts) - Counter(self.before.actor_restarts)  # drops the zeros
+        retries = Counter(now.task_retries) - Counter(self.before.task_retries)
+        return Recovery(dict(restarts), dict(retries), now.nodes_lost - self.before.nodes_lost)

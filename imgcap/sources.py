@@ -450,14 +450,14 @@ def retry_transient(call: Callable[[], T], attempts: int = 5, first_wait_s: floa
     """`call()`, again after a transient storage error, up to `attempts` times with doubling waits. For the
     driver's reads of outputs: the AWS SDK retries a request, but not a response stream that breaks mid-body
     ("Failed to flush response stream"), which pyarrow then raises as INTERNAL_FAILURE."""
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return call()
         except OSError as exc:
-            if attempt == attempts - 1 or not is_transient(exc):
+            if not is_transient(exc):
                 raise
             time.sleep(first_wait_s * 2 ** attempt)
-    raise AssertionError("unreachable")
+    return call()
 
 
 def _permanent_error(exc: BaseException) -> str:
