@@ -9,21 +9,17 @@ input is in the output exactly once.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
-import pyarrow.parquet as pq
 import pytest
 from _imaging import jpeg_bytes, write_jpegs
 from conftest import FAULTS_FILE, TEST_WORKER_ENV, start_local_ray
+from fault_harness import armed, output_ids, remove_node_on_marker, run_killed
 from flaky_s3 import FlakyS3Proxy
 from toy import write_toy_job_files
 
@@ -43,21 +39,9 @@ from imgcap.synthetic import untrained_bundle
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@contextmanager
 def faults(*specs: str):
-    """Arm `specs` (``<stage>:<batch>:<marker>[:mode]``) for every Ray worker of the test cluster."""
-    FAULTS_FILE.write_text("\n".join(specs) + "\n", encoding="utf-8")
-    try:
-        yield
-    finally:
-        FAULTS_FILE.unlink(missing_ok=True)
-
-
-def output_ids(uri: str, s3: S3Options = S3Options()) -> list[str]:
-    """Every image id written to a Parquet output directory, duplicates included."""
-    output = OutputDirectory(uri, s3)
-    return [i for path in output.files()
-            for i in pq.read_table(path, columns=["image_id"], filesystem=output.filesystem)["image_id"].to_pylist()]
+    """Arm `specs` (``<stage>:<batch>:<marker>[:mode]``) for every Ray worker of the test clusters."""
+    return armed(FAULTS_FILE, *specs)
 
 
 def assert_exactly_once(ids: list[str], expected: set[str]) -> None:
@@ -199,24 +183,6 @@ def three_nodes():
         start_local_ray()
 
 
-def remove_node_on_marker(cluster, workers, marker: Path) -> threading.Thread:
-    """Remove (without grace) the worker node named in `marker` as soon as a paused stage writes it."""
-    def strike() -> None:
-        deadline = time.monotonic() + 120
-        while not marker.exists() or not marker.read_text():
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.05)
-        node_id = json.loads(marker.read_text())["node_id"]
-        victim = next(w for w in workers if w.node_id == node_id)
-        cluster.remove_node(victim, allow_graceful=False)
-        workers.remove(victim)
-
-    thread = threading.Thread(target=strike, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_node_removed_mid_job_loses_nothing(three_nodes, tmp_path):
     cluster, workers = three_nodes
     images = write_jpegs(tmp_path / "images", 96)
@@ -252,17 +218,6 @@ def test_a_node_removed_mid_job_loses_nothing(three_nodes, tmp_path):
 # --- drivers SIGKILLed, the same command rerun
 
 
-def run_killed(command: list[str], env: dict[str, str], ready) -> float:
-    """Start `command`, SIGKILL it as soon as `ready()` holds (or it exits); the seconds it ran."""
-    started = time.monotonic()
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not ready() and time.monotonic() - started < 300:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return time.monotonic() - started
-
-
 def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime) of every file under `root` outside `skip`."""
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
@@ -291,7 +246,7 @@ def test_killed_caption_job_driver_rerun_ends_complete(ray_local, tmp_path):
     deadline = time.monotonic() + 3
     for ready in (lambda: time.monotonic() > deadline, lambda: len(captions.files()) >= 1,
                   lambda: len(captions.files()) >= 10):
-        run_killed(command, env, ready)
+        run_killed(command, env, ROOT, ready)
         time.sleep(1)  # Ray reaps the dead driver's workers
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -315,7 +270,7 @@ def test_killed_training_driver_rerun_resumes_the_run(ray_local, tmp_path):
                       encoding="utf-8")
     command = [sys.executable, "jobs/train.py", "--config", str(config)]
     env = driver_env(ray_local.get_runtime_context().gcs_address)
-    run_killed(command, env, lambda: any((output / "ray_results").rglob("checkpoint_epoch_0002/state.index")))
+    run_killed(command, env, ROOT, lambda: any((output / "ray_results").rglob("checkpoint_epoch_0002/state.index")))
     time.sleep(1)
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]

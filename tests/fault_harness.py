@@ -1,0 +1,67 @@
+"""What the fault tests and ``benchmarks/faults.py`` both do around a job: arm a fault, strike the node a paused
+stage names, kill a driver at a chosen moment, and read back every image id an output holds."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from imgcap.sinks import OutputDirectory
+from imgcap.sources import S3Options
+
+
+@contextmanager
+def armed(faults_file: Path, *specs: str) -> Iterator[None]:
+    """Arm `specs` (``<stage>:<batch>:<marker>[:mode]``, imgcap.fault_injection) for every Ray worker that reads
+    `faults_file`, for the duration of the block."""
+    faults_file.write_text("\n".join(specs) + "\n", encoding="utf-8")
+    try:
+        yield
+    finally:
+        faults_file.unlink(missing_ok=True)
+
+
+def output_ids(uri: str, s3: S3Options = S3Options()) -> list[str]:
+    """Every image id written to a Parquet output directory, duplicates included (so they can be counted)."""
+    output = OutputDirectory(uri, s3)
+    return [i for path in output.files()
+            for i in pq.read_table(path, columns=["image_id"], filesystem=output.filesystem)["image_id"].to_pylist()]
+
+
+def remove_node_on_marker(cluster, workers: list, marker: Path, timeout_s: float = 120) -> threading.Thread:
+    """Remove (without grace) the worker node of `cluster` named in `marker` as soon as a ``pause`` fault writes
+    it, and drop it from `workers`. Returns the started thread (join it after the job)."""
+    def strike() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not marker.exists() or not marker.read_text():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        node_id = json.loads(marker.read_text())["node_id"]
+        victim = next(w for w in workers if w.node_id == node_id)
+        cluster.remove_node(victim, allow_graceful=False)
+        workers.remove(victim)
+
+    thread = threading.Thread(target=strike, daemon=True)
+    thread.start()
+    return thread
+
+
+def run_killed(command: list[str], env: dict[str, str], cwd: Path, ready: Callable[[], bool],
+               timeout_s: float = 300) -> float:
+    """Start `command`, SIGKILL it as soon as `ready()` holds (or it exits); the seconds it ran."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not ready() and time.monotonic() - started < timeout_s:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return time.monotonic() - started
