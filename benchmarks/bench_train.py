@@ -66,7 +66,7 @@ def run_single_process(config: TrainJobConfig) -> dict[str, dict]:
     for phase in phases:
         started = time.perf_counter()
         state.begin(phase.name)
-        trainer = CaptionTrainer(model, phase.config)
+        trainer = CaptionTrainer(model, phase.config, dropout=phase.dropout)
         images, captions = phase_sizes(phase, config, data)
         history = list(train_phase(trainer, evaluator, state, phase_batches(phase, config, data, model),
                                    num_images=images, num_captions=captions))

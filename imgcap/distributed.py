@@ -310,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def phase_trainer(phase: Phase) -> Any:
         with strategy.scope():
-            return CaptionTrainer(model, phase.config, strategy)
+            return CaptionTrainer(model, phase.config, strategy, phase.dropout)
 
     if source is not None:
         with source.as_directory() as directory:  # a local checkpoint as it is; one in a bucket downloaded

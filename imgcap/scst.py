@@ -12,9 +12,10 @@ extra decoding) or the reward of the image's greedy caption (Rennie et al.). Min
 baseline become likelier, worse ones less likely.
 
 The update itself is the cross-entropy step with a weight per caption (`imgcap.train.CaptionTrainer`): a
-`Batch` here holds the sampled captions as targets and their advantages as weights. Sampling and the
-teacher-forced log-probabilities both run without dropout, so the gradient is that of the policy that
-sampled.
+`Batch` here holds the sampled captions as targets and their advantages as weights. Sampling runs without
+dropout; the update's teacher-forced log-probabilities run with the model's dropout by default
+(``scst.dropout``): the samples are then scored under dropout-perturbed copies of the policy, a regulariser
+that measured better on dev than the exact gradient of the sampling policy (``scst.dropout = false``).
 """
 
 from __future__ import annotations

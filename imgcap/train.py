@@ -97,12 +97,13 @@ class CaptionTrainer:
     """One phase of fitting a `CaptionModel`: its optimizer, the compiled step, the best epoch's weights.
 
     Create it (and so the model and optimizer) inside ``strategy.scope()`` when a strategy is used; a new
-    phase gets a new trainer (a fresh optimizer) for the same model.
+    phase gets a new trainer (a fresh optimizer) for the same model. `dropout` = False runs the step's
+    forward pass without dropout (`scst.dropout = false`, `imgcap.training_state.Phase.dropout`).
     """
 
     def __init__(self, model: CaptionModel, config: TrainConfig,
-                 strategy: tf.distribute.Strategy | None = None) -> None:
-        self.model, self.config = model, config
+                 strategy: tf.distribute.Strategy | None = None, dropout: bool = True) -> None:
+        self.model, self.config, self.dropout = model, config, dropout
         check_sampled_softmax(config, model.vocab_size)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, use_ema=config.weight_ema > 0,
@@ -121,11 +122,11 @@ class CaptionTrainer:
                       weights: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             if self.config.sampled_softmax:
-                hidden = self.model.hidden_states((features, inputs), training=True)
+                hidden = self.model.hidden_states((features, inputs), training=self.dropout)
                 total, count = sampled_token_loss(hidden, targets, weights, self.model.classifier,
                                                   self.config.sampled_softmax)
             else:
-                logits = self.model((features, inputs), training=True)
+                logits = self.model((features, inputs), training=self.dropout)
                 total, count = masked_token_loss(logits, targets, weights, self.config.label_smoothing)
             loss = total / tf.maximum(count, 1.0)
             scaled = loss / self.strategy.num_replicas_in_sync
@@ -498,7 +499,7 @@ def train_captioner(config: TrainJobConfig, progress: bool | None = None) -> Tra
     state = TrainingState(phases[0].name)
     for phase in phases:
         state.begin(phase.name)
-        trainer = CaptionTrainer(model, phase.config)
+        trainer = CaptionTrainer(model, phase.config, dropout=phase.dropout)
         stream = np.random.default_rng(phase.config.seed)  # one stream over the phase's epochs
         images, captions = phase_sizes(phase, config, data)
         fit(trainer, evaluator, state, phase_batches(phase, config, data, model, rng_for_epoch=lambda _: stream),

@@ -75,10 +75,11 @@ def describe_best(best: EpochMetrics) -> str:
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase of a run: its name and its optimisation settings."""
+    """One phase of a run: its name, its optimisation settings and whether its steps apply dropout."""
 
     name: str  # "xe" or "scst"
     config: TrainConfig
+    dropout: bool = True  # False: the steps' forward pass runs without dropout (scst.dropout = false)
 
 
 def training_phases(job: TrainJobConfig) -> list[Phase]:
@@ -88,7 +89,7 @@ def training_phases(job: TrainJobConfig) -> list[Phase]:
     if not (job.scst.enabled and job.scst.init_from):
         phases.append(Phase("xe", job.train))
     if job.scst.enabled:
-        phases.append(Phase("scst", job.scst.train_config(job.train)))
+        phases.append(Phase("scst", job.scst.train_config(job.train), dropout=job.scst.dropout))
     return phases
 
 

@@ -17,8 +17,8 @@ from imgcap.config import ConfigError, ModelConfig, ScstConfig, TrainConfig, Tra
 from imgcap.dataset import tokenize_corpus
 from imgcap.scst import SelfCriticalBatches
 from imgcap.text import END_ID, PAD_ID, START_ID
-from imgcap.train import (CaptionBatches, CaptionTrainer, DevEvaluator, build_model, fit, train_captioner,
-                          write_checkpoint)
+from imgcap.train import (CaptionBatches, CaptionTrainer, DevEvaluator, build_model, fit, masked_token_loss,
+                          train_captioner, write_checkpoint)
 from imgcap.training_state import EpochMetrics, TrainingState, find_latest_checkpoint, training_phases
 from _imaging import SHARED
 from toy import make_toy_training, write_toy_job_files
@@ -204,6 +204,35 @@ def test_checkpoint_restores_model_optimizer_average_and_best_weights(toy, tmp_p
     assert find_latest_checkpoint(tmp_path) == str(directory)
 
 
+def test_scst_dropout_false_scores_the_samples_with_the_policy_that_sampled_them(toy):
+    """The sampler runs without dropout; with ``scst.dropout = false`` the update's log-probabilities do too,
+    so a step's loss is the advantage-weighted negative log-likelihood of the samples under the model as it
+    sampled them. With the default (true) the step applies the model's dropout and the loss differs."""
+    vocab, table, *_ = toy
+    model = build_model(ModelConfig(embedding_dim=32, units=64, dropout=0.5, embedding_dropout=0.3), vocab,
+                        table.dim, seed=0)
+    config = ScstConfig(samples=4, batch_size=16)
+    batch = next(scst_batches(toy, model, config).epoch(0)[0])
+
+    def as_sampled() -> float:
+        total, count = masked_token_loss(model((batch.features, batch.inputs), training=False), batch.targets,
+                                         batch.weights)
+        return float(total / count)
+
+    def phase(dropout: bool):
+        [phase] = training_phases(config_from_dict(TrainJobConfig, {
+            "data": {"captions": "c", "features": "f"},
+            "scst": {"enabled": True, "init_from": "b", "dropout": dropout}}))
+        return phase
+
+    exact = CaptionTrainer(model, config.train_config(TrainConfig()), dropout=phase(False).dropout)
+    expected = as_sampled()
+    assert exact.train_step(batch) == pytest.approx(expected, rel=1e-5)  # the loss before the update
+    regularised = CaptionTrainer(model, config.train_config(TrainConfig()), dropout=phase(True).dropout)
+    expected = as_sampled()
+    assert regularised.train_step(batch) != pytest.approx(expected, rel=1e-3)
+
+
 def metrics(phase: str, epoch: int, bleu: float) -> EpochMetrics:
     return EpochMetrics(phase, epoch, 1.0, 2.0, bleu, 0.5, 1e-3, 1.0, 10.0, 50.0, 5)
 
@@ -214,6 +243,7 @@ def test_training_state_decides_stops_and_phases():
                                             "scst": {"enabled": True, "epochs": 3, "select_by": "bleu"}})
     phases = training_phases(job)
     assert [p.name for p in phases] == ["xe", "scst"] and phases[1].config.label_smoothing == 0
+    assert phases[0].dropout and phases[1].dropout  # scst.dropout defaults to true
     state = TrainingState("xe")
     for epoch, bleu in enumerate([0.1, 0.2, 0.15, 0.18], 1):
         improved = state.record(metrics("xe", epoch, bleu), "bleu")
@@ -276,3 +306,28 @@ def test_train_job_runs_both_phases_and_starts_from_a_bundle(toy_job_files, tmp_
     with pytest.raises(ConfigError, match="neither a bundle"):
         train_captioner(toy_job(toy_job_files, tmp_path / "bad", scst={**scst, "init_from": str(tmp_path)}),
                         progress=False)
+
+
+def test_dev_report_scores_the_bundles_own_decoding(toy_job_files, tmp_path):
+    """dev_report.json holds the scores of the captions the bundle makes with its decoding (beam-3 here), not
+    of the greedy captions the epochs' dev evaluation makes."""
+    from imgcap.bundle import load_bundle
+    from imgcap.config import DecodeConfig
+    from imgcap.dataset import prepare_training_data
+    from imgcap.evaluate import evaluate_captions
+
+    config = toy_job(toy_job_files, tmp_path / "beam", decode={"beam_width": 3, "length_penalty": 1.0})
+    train_captioner(config, progress=False)
+    bundle = load_bundle(tmp_path / "beam" / "bundle")
+    data = prepare_training_data(config.data, config.text, bundle.vocab)
+    dev = data.features.select(data.dev_ids).features
+    beam, greedy = bundle.caption(dev), bundle.caption(dev, DecodeConfig(beam_width=1, max_length=20))
+    assert beam != greedy  # else this test could not tell the two apart
+
+    def bleu(captions: list[list[str]]) -> list[float]:
+        return evaluate_captions(data.dev_references, dict(zip(data.dev_ids, captions)), split="dev",
+                                 text_mode="standard", decoding="", coco=False).nltk_bleu
+
+    report = json.loads((tmp_path / "beam" / "dev_report.json").read_text())
+    assert report["decoding"] == "beam-3 (length penalty 1)"
+    assert report["nltk_bleu"] == pytest.approx(bleu(beam), abs=1e-12)
