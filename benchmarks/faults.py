@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the flaky S3 proxy and the fault harness are the tests' own
 
-from fault_harness import armed, output_ids, remove_node_on_marker, run_killed  # noqa: E402
+from fault_harness import armed, output_ids, remove_node_on_marker, run_killed, three_node_cluster  # noqa: E402
 
 from imgcap.caption_job import run_caption_job  # noqa: E402
 from imgcap.config import (  # noqa: E402
@@ -221,14 +221,9 @@ def s3_scenario(root: Path, images: Path, expected: int) -> list[Row]:
 
 def multi_node_scenario(root: Path, images: Path, expected: int, faults: Faults, backbone: str) -> list[Row]:
     import ray
-    from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    env = {**FAKE_AWS, "TF_CPP_MIN_LOG_LEVEL": "2", FAULTS_ENV: str(faults.file)}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env})
-    workers = [cluster.add_node(num_cpus=2, env_vars=env) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+    cluster, workers = three_node_cluster({**FAKE_AWS, "TF_CPP_MIN_LOG_LEVEL": "2", FAULTS_ENV: str(faults.file)})
     weights = {"weights_file": str(WEIGHTS)} if backbone == "mobilenet_v2" else {"weights": "none"}
     try:
         def extract(name: str) -> Any:

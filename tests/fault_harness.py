@@ -1,5 +1,6 @@
-"""What the fault tests and ``benchmarks/faults.py`` both do around a job: arm a fault, strike the node a paused
-stage names, kill a driver at a chosen moment, and read back every image id an output holds."""
+"""What the fault tests and ``benchmarks/faults.py`` both do around a job: arm a fault, start a three-node
+cluster and strike the node a paused stage names, kill a driver at a chosen moment, and read back every image
+id an output holds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -34,6 +36,19 @@ def output_ids(uri: str, s3: S3Options = S3Options()) -> list[str]:
     output = OutputDirectory(uri, s3)
     return [i for path in output.files()
             for i in pq.read_table(path, columns=["image_id"], filesystem=output.filesystem)["image_id"].to_pylist()]
+
+
+def three_node_cluster(env: dict[str, str]) -> tuple[Any, list]:
+    """A head with no CPUs (it only runs the driver) and two 2-CPU worker nodes on this machine, every worker
+    with `env`, and this process connected to it as the driver. Returns (the cluster, its worker nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env})
+    workers = [cluster.add_node(num_cpus=2, env_vars=env) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+    return cluster, workers
 
 
 def remove_node_on_marker(cluster, workers: list, marker: Path, timeout_s: float = 120) -> threading.Thread:

@@ -19,7 +19,7 @@ import boto3
 import pytest
 from _imaging import jpeg_bytes, write_jpegs
 from conftest import FAULTS_FILE, TEST_WORKER_ENV, start_local_ray
-from fault_harness import armed, output_ids, remove_node_on_marker, run_killed
+from fault_harness import armed, output_ids, remove_node_on_marker, run_killed, three_node_cluster
 from flaky_s3 import FlakyS3Proxy
 from toy import write_toy_job_files
 
@@ -167,15 +167,11 @@ def three_nodes():
     """A head (no CPUs: it only runs the driver) and two 2-CPU worker nodes on this machine. The session's local
     Ray is stopped for the module and started again afterwards."""
     import ray
-    from ray.cluster_utils import Cluster
 
     was_running = ray.is_initialized()
     if was_running:
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": TEST_WORKER_ENV})
-    workers = [cluster.add_node(num_cpus=2, env_vars=TEST_WORKER_ENV) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": TEST_WORKER_ENV})
+    cluster, workers = three_node_cluster(TEST_WORKER_ENV)
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()

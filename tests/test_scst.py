@@ -13,8 +13,10 @@ import pytest
 
 from imgcap.beam import CaptionSampler, GreedyDecoder
 from imgcap.cider import CiderD
-from imgcap.config import ConfigError, ModelConfig, ScstConfig, TrainConfig, TrainJobConfig, config_from_dict
-from imgcap.dataset import tokenize_corpus
+from imgcap.config import (ConfigError, DecodeConfig, ModelConfig, ScstConfig, TrainConfig, TrainJobConfig,
+                           config_from_dict)
+from imgcap.dataset import prepare_training_data, tokenize_corpus
+from imgcap.evaluate import evaluate_captions
 from imgcap.scst import SelfCriticalBatches
 from imgcap.text import END_ID, PAD_ID, START_ID
 from imgcap.train import (CaptionBatches, CaptionTrainer, DevEvaluator, build_model, fit, masked_token_loss,
@@ -312,9 +314,6 @@ def test_dev_report_scores_the_bundles_own_decoding(toy_job_files, tmp_path):
     """dev_report.json holds the scores of the captions the bundle makes with its decoding (beam-3 here), not
     of the greedy captions the epochs' dev evaluation makes."""
     from imgcap.bundle import load_bundle
-    from imgcap.config import DecodeConfig
-    from imgcap.dataset import prepare_training_data
-    from imgcap.evaluate import evaluate_captions
 
     config = toy_job(toy_job_files, tmp_path / "beam", decode={"beam_width": 3, "length_penalty": 1.0})
     train_captioner(config, progress=False)
