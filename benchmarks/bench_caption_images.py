@@ -19,7 +19,7 @@ Speed rows (images/s; ratios against (b) and (a)):
   (b)   the raw batched CNN forward on pixels decoded beforehand (CnnEmbedder.embed: preprocess +
         predict_on_batch, batch 32) over N/2 images: the machine's limit for the CNN. Measured before, between
         and after the groups of pipeline runs (5 passes with --repeats 2, 3 with --repeats 1) and averaged.
-  (J)   imgcap.caption_job.run_caption_job from the image directory at N/2 and N images, each into a fresh
+  (J)   imgcap.batch.caption.run_caption_job from the image directory at N/2 and N images, each into a fresh
         output dir (includes actor start and model loads); the steady state (N - N/2) / (t_N - t_N/2)
         cancels those fixed costs. With --repeats 2 (default) every size runs twice in ABBA order (N/2, N, N,
         N/2) and the times are averaged, so a load that drifts during the run (a shared machine) biases
@@ -122,8 +122,9 @@ def synthetic_archive(path: Path, count: int, distinct: int = 200) -> int:
 def train_bundle(directory: Path, train_images: int) -> tuple[str, float]:
     """A merge decoder at the seed's size (256 units, 256-d embedding) trained one epoch on the shared
     MobileNetV2 features, decoding beam-3 recorded; its directory and the training seconds."""
-    from imgcap.config import TrainJobConfig, config_from_dict
-    from imgcap.train import train_captioner
+    from imgcap.config.loader import config_from_dict
+    from imgcap.config.training import TrainJobConfig
+    from imgcap.train.local import train_captioner
 
     config = config_from_dict(TrainJobConfig, {
         "output_dir": str(directory),
@@ -135,17 +136,17 @@ def train_bundle(directory: Path, train_images: int) -> tuple[str, float]:
         "train": {"epochs": 1, "batch_size": 128, "select_by": "loss"},
         "decode": {"beam_width": 3}})
     started = time.perf_counter()
-    bundle_dir = train_captioner(config, progress=False).bundle_dir
-    return str(bundle_dir), time.perf_counter() - started
+    bundle_path = train_captioner(config, progress=False).bundle_path
+    return str(bundle_path), time.perf_counter() - started
 
 
 def thumbnail_bundle(directory: Path) -> str:
     """A real (untrained) small merge decoder over `thumbnail` features (as tests/test_caption_images.py)."""
-    from imgcap.bundle import CaptionBundle
-    from imgcap.config import DecodeConfig, ModelConfig, TextConfig
-    from imgcap.embedding import EmbeddingSpec
-    from imgcap.text import Vocabulary
-    from imgcap.train import build_model
+    from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
+    from imgcap.data.text import Vocabulary
+    from imgcap.model.bundle import CaptionBundle
+    from imgcap.model.decoder import build_model
+    from imgcap.vision.spec import EmbeddingSpec
 
     vocab = Vocabulary.build([["a", "red", "dog"], ["a", "blue", "cat"]], 1, "standard")
     model = build_model(ModelConfig(embedding_dim=16, units=16), vocab, 768, seed=0)
@@ -174,7 +175,7 @@ def seed_loop(cnn_model: Any, caption_model: Any, paths: list[Path], max_length:
     model.predict per word on the bundle's model; (feature timer, decoding timer, token ids per image)."""
     import keras
 
-    from imgcap.text import END_ID, PAD_ID, START_ID, UNK_ID
+    from imgcap.data.text import END_ID, PAD_ID, START_ID, UNK_ID
 
     features = []
     with Timer() as feature_time:
@@ -218,9 +219,9 @@ def stage_timings(paths: list[Path], features: np.ndarray, bundle: Any, thumbnai
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from imgcap.config import DecodeConfig
-    from imgcap.imaging import load_pixels, pixels_batch
-    from imgcap.sinks import CAPTION_SCHEMA
+    from imgcap.batch.caption_outputs import CAPTION_SCHEMA
+    from imgcap.config.model import DecodeConfig
+    from imgcap.vision.imaging import load_pixels, pixels_batch
 
     options = bundle.embedding.imaging()
     data = [p.read_bytes() for p in paths]
@@ -408,7 +409,7 @@ _captured: list[Any] = []
 def capture_written_datasets() -> None:
     """Keep every Dataset the job writes (OutputDirectory.write, patched in this process only), so its Ray Data
     stats can be read after the run; the library files are untouched."""
-    from imgcap.sinks import OutputDirectory
+    from imgcap.io.outputs import OutputDirectory
 
     original = OutputDirectory.write
 
@@ -468,16 +469,16 @@ def operators_table(runs: dict[str, tuple[str, float, int]]) -> str:
     return "\n".join(lines)
 
 
-def run_job(bundle_dir: str, source: Path, output: Path, weights_file: str | None, cnn_batch: int,
+def run_job(bundle_path: str, source: Path, output: Path, weights_file: str | None, cnn_batch: int,
             caption_batch: int, cpus: float = 1.0) -> tuple[Any, float]:
     """run_caption_job from `source` into a fresh `output`, `cpus` per actor (CNN and caption pools alike):
     (result, wall seconds including the report and contact sheet)."""
-    from imgcap.caption_job import run_caption_job
-    from imgcap.config import CaptionJobConfig, CnnConfig, SourceConfig
+    from imgcap.batch.caption import run_caption_job
+    from imgcap.config.jobs import CaptionJobConfig, CnnConfig, SourceConfig
 
     weights = {"weights_file": weights_file} if weights_file else {"weights": "none"}
     cnn = CnnConfig(batch_size=cnn_batch, cpus_per_actor=cpus, **weights)
-    config = CaptionJobConfig(bundle=bundle_dir, sources=[SourceConfig(str(source))], output_dir=str(output),
+    config = CaptionJobConfig(bundle=bundle_path, sources=[SourceConfig(str(source))], output_dir=str(output),
                               cnn=cnn, batch_size=caption_batch, cpus_per_actor=cpus)
     started = time.perf_counter()
     result = run_caption_job(config)
@@ -486,7 +487,7 @@ def run_job(bundle_dir: str, source: Path, output: Path, weights_file: str | Non
     return result, wall
 
 
-def run_two_pools(bundle_dir: str, source: Path, output: Path, weights_file: str, cnn_batch: int,
+def run_two_pools(bundle_path: str, source: Path, output: Path, weights_file: str, cnn_batch: int,
                   caption_batch: int, cpus: float, shard_size: int = 64, thumbnail_size: int = 96) -> tuple[int, float]:
     """The job's images path wired here with the layout it does not use, from the library's own pieces
     (listing, pixels_dataset, CnnEmbedder, BundleCaptioner, OutputDirectory): CnnEmbedder actors (batch
@@ -495,26 +496,28 @@ def run_two_pools(bundle_dir: str, source: Path, output: Path, weights_file: str
     Returns (rows written, seconds as run_caption_job counts them: bundle load, listing, pipeline, write)."""
     import ray.data
 
-    from imgcap.bundle import load_bundle
-    from imgcap.caption_job import BundleCaptioner
-    from imgcap.config import CaptionJobConfig, SourceConfig
-    from imgcap.embedding import CnnEmbedder
-    from imgcap.imaging import pixels_dataset
-    from imgcap.sinks import CAPTION_SCHEMA, OutputDirectory
-    from imgcap.sources import S3Options, list_images
+    from imgcap.batch.caption import BundleCaptioner
+    from imgcap.batch.caption_outputs import CAPTION_SCHEMA
+    from imgcap.batch.extract import FeatureExtractor
+    from imgcap.batch.reading import pixels_dataset
+    from imgcap.config.jobs import CaptionJobConfig, SourceConfig
+    from imgcap.io.outputs import OutputDirectory
+    from imgcap.io.sources import list_images
+    from imgcap.io.storage import S3Options
+    from imgcap.model.bundle import load_bundle
 
     started = time.perf_counter()
-    bundle = load_bundle(bundle_dir)
-    defaults = CaptionJobConfig(bundle=bundle_dir, sources=[SourceConfig(str(source))])
+    bundle = load_bundle(bundle_path)
+    defaults = CaptionJobConfig(bundle=bundle_path, sources=[SourceConfig(str(source))])
     s3 = S3Options()
     refs = list_images(defaults.sources, s3, defaults.extensions, defaults.id_from)
     pixels = pixels_dataset(refs, bundle.embedding.imaging(defaults.max_pixels), s3, shard_size, thumbnail_size)
     one = ray.data.ActorPoolStrategy(size=1)
     features = pixels.map_batches(
-        CnnEmbedder, fn_constructor_kwargs={"spec": bundle.embedding, "weights": weights_file, "on_ray": True},
+        FeatureExtractor, fn_constructor_kwargs={"spec": bundle.embedding, "weights": weights_file, "on_ray": True},
         batch_size=cnn_batch, batch_format="numpy", compute=one, num_cpus=cpus)
     captions = features.map_batches(
-        BundleCaptioner, fn_constructor_kwargs={"bundle_dir": bundle_dir, "decode": bundle.decode, "s3": s3},
+        BundleCaptioner, fn_constructor_kwargs={"bundle_path": bundle_path, "decode": bundle.decode, "s3": s3},
         batch_size=caption_batch, batch_format="pyarrow", compute=one, num_cpus=cpus)
     written = OutputDirectory(str(output / "captions"), s3).write(captions, CAPTION_SCHEMA, defaults.rows_per_file)
     seconds = time.perf_counter() - started
@@ -592,11 +595,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from imgcap.backbones import build_backbone
-    from imgcap.bundle import load_bundle
-    from imgcap.config import DecodeConfig
-    from imgcap.embedding import CnnEmbedder
-    from imgcap.imaging import load_pixels
+    from imgcap.config.model import DecodeConfig
+    from imgcap.model.bundle import load_bundle
+    from imgcap.vision.backbones import build_backbone
+    from imgcap.vision.embedder import CnnEmbedder
+    from imgcap.vision.imaging import load_pixels
 
     # run_caption_job runs one pool of actors holding the CNN and the decoder; the comparison is two pools.
     # Every actor holds its CPUs for the whole job and each read task asks for 1: on 2 CPUs two pools of 1-CPU
@@ -611,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_caption_images_") as tmp:
         root = Path(tmp)
         progress(f"training the bundle ({args.train_images} train images, one epoch)")
-        bundle_dir, train_s = train_bundle(root / "train", args.train_images)
-        bundle = load_bundle(bundle_dir)
+        bundle_path, train_s = train_bundle(root / "train", args.train_images)
+        bundle = load_bundle(bundle_path)
         assert bundle.decode.beam_width == 3 and bundle.embedding is not None
         progress(f"bundle trained in {train_s:.0f} s: vocab {len(bundle.vocab)}, decoding {bundle.decode.label}; "
                  f"run_caption_job layout: {layout} ({job_cpus:g} CPU per actor); compared with: {other}")
@@ -636,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         pixels = decoded[np.arange(n1) % len(decoded)]  # N/2 arrays decoded beforehand
 
         progress("warm-up job run (64 images, untimed)")
-        run_job(bundle_dir, root / "warm", root / "out_warm", str(WEIGHTS), args.cnn_batch, args.caption_batch,
+        run_job(bundle_path, root / "warm", root / "out_warm", str(WEIGHTS), args.cnn_batch, args.caption_batch,
                 job_cpus)
         dataset_stats()
 
@@ -660,12 +663,12 @@ def main(argv: list[str] | None = None) -> int:
             with CpuAccount() as account:
                 if kind == "job":
                     progress(f"(J) run_caption_job, {count} images (pass {rep})")
-                    result, wall = run_job(bundle_dir, root / f"n{count}", out, str(WEIGHTS), args.cnn_batch,
+                    result, wall = run_job(bundle_path, root / f"n{count}", out, str(WEIGHTS), args.cnn_batch,
                                            args.caption_batch, job_cpus)
                     done, seconds = result.captioned, result.seconds
                 else:
                     progress(f"{other} (wired here), {count} images (pass {rep})")
-                    done, seconds = run_two_pools(bundle_dir, root / f"o{count}", out, str(WEIGHTS),
+                    done, seconds = run_two_pools(bundle_path, root / f"o{count}", out, str(WEIGHTS),
                                                   args.cnn_batch, args.caption_batch, other_cpus)
                     wall = seconds
             runs.append({"kind": kind, "images": done, "seconds": seconds, "wall_with_report": wall, "pass": rep,

@@ -160,14 +160,15 @@ def run_seed(paths: SharedPaths, steps: int, images: int, min_count: int) -> See
 
 def seed_text_config(min_count: int):
     """The seed notebooks' text handling: their normalisation, train words seen at least `min_count` times."""
-    from imgcap.config import TextConfig
+    from imgcap.config.model import TextConfig
 
     return TextConfig(mode="seed", min_count=min_count)
 
 
 def seed_sized_configs():
     """(ModelConfig, TrainConfig) of the seed's size: merge, 256 units/embedding, dropout 0.5, batch 64."""
-    from imgcap.config import ModelConfig, TrainConfig
+    from imgcap.config.model import ModelConfig
+    from imgcap.config.training import TrainConfig
 
     return (ModelConfig(architecture="merge", embedding_dim=256, units=256, dropout=0.5),
             TrainConfig(epochs=1, batch_size=64))
@@ -175,7 +176,8 @@ def seed_sized_configs():
 
 def load_tuned_configs(path: Path):
     """(TextConfig, ModelConfig, TrainConfig) of the project's tuned training config; raises if it won't load."""
-    from imgcap.config import TrainJobConfig, load_config
+    from imgcap.config.loader import load_config
+    from imgcap.config.training import TrainJobConfig
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
@@ -185,8 +187,8 @@ def load_tuned_configs(path: Path):
 
 def load_data(paths: SharedPaths, text, max_train: int, max_dev: int):
     """imgcap's TrainingData for the shared features, captions and official splits."""
-    from imgcap.config import DataConfig
-    from imgcap.dataset import prepare_training_data
+    from imgcap.config.training import DataConfig
+    from imgcap.data.dataset import prepare_training_data
 
     data = DataConfig(captions=str(paths.captions), features=str(paths.features),
                       train_split=str(paths.train_split), dev_split=str(paths.dev_split),
@@ -202,7 +204,10 @@ def time_training_epoch(data, model_config, train_config, warmup_steps: int):
     """
     import numpy as np
 
-    from imgcap.train import CaptionBatches, CaptionTrainer, DevEvaluator, build_model
+    from imgcap.model.decoder import build_model
+    from imgcap.train.batches import CaptionBatches
+    from imgcap.train.evaluation import DevEvaluator
+    from imgcap.train.trainer import CaptionTrainer
 
     model = build_model(model_config, data.vocab, data.features.dim, train_config.seed)
     trainer = CaptionTrainer(model, train_config)
@@ -240,8 +245,8 @@ def time_decoding(decoder, features, warmup_images: int) -> tuple[float, list[li
 
 def decoding_rows(model, data, batch_size: int, max_length: int, warmup_images: int) -> tuple[list[Row], list[str]]:
     """Greedy, beam-3 and beam-5 rows on the dev images, and notes with each one's BLEU-4 (a sanity check)."""
-    from imgcap.beam import BeamSearchDecoder, GreedyDecoder
-    from imgcap.evaluate import nltk_corpus_bleu
+    from imgcap.metrics.evaluate import nltk_corpus_bleu
+    from imgcap.model.beam import BeamSearchDecoder, GreedyDecoder
 
     features = data.features.select(data.dev_ids).features
     references = [data.dev_references[i] for i in data.dev_ids]

@@ -6,7 +6,7 @@ Speed (MobileNetV2, the shared weights, the 300 shared Flickr8k images repeated 
   (a) the seeds' loop: keras.utils.load_img(target_size=(224, 224)) + img_to_array + preprocess_input +
       model.predict, one image at a time;
   (b) the raw batched CNN forward on arrays decoded beforehand (the machine's limit: no I/O, no decode);
-  Ray pipeline: imgcap.extract_job.extract_features on a local Ray cluster (read + decode tasks, one CNN actor,
+  Ray pipeline: imgcap.batch.extract.extract_features on a local Ray cluster (read + decode tasks, one CNN actor,
       Parquet out). End to end includes starting the actor and loading the model; steady state is the
       marginal rate between a run of N and a run of 2N images, which cancels that fixed cost.
 Memory: peak PSS of the driver plus every Ray process (sampled every 0.25 s) while extracting 1k vs 20k
@@ -71,7 +71,7 @@ def seed_loop(model, paths: list[Path]) -> float:
 
 def raw_forward(model, pixels: np.ndarray, batch_size: int) -> float:
     """Images/s of preprocess + forward on already-decoded arrays, `batch_size` at a time."""
-    from imgcap.backbones import BACKBONES
+    from imgcap.vision.backbones import BACKBONES
 
     spec = BACKBONES["mobilenet_v2"]
     model.predict_on_batch(spec.preprocess(pixels[:batch_size]))  # trace once, outside the timing
@@ -116,8 +116,9 @@ class PeakMemory:
 
 
 def run_pipeline(images: Path, output: Path, backbone: str, batch_size: int):
-    from imgcap.config import ExtractConfig, config_from_dict
-    from imgcap.extract_job import extract_features
+    from imgcap.batch.extract import extract_features
+    from imgcap.config.jobs import ExtractConfig
+    from imgcap.config.loader import config_from_dict
 
     table = {"sources": [{"path": str(images)}], "output_dir": str(output), "backbone": backbone,
              "batch_size": batch_size, "rows_per_file": 10000}
@@ -139,8 +140,8 @@ def main() -> None:
 
     import ray
 
-    from imgcap.backbones import build_backbone
-    from imgcap.imaging import ImagingOptions, load_pixels
+    from imgcap.vision.backbones import build_backbone
+    from imgcap.vision.imaging import ImagingOptions, load_pixels
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

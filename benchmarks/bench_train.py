@@ -11,7 +11,7 @@ All on the same features (configs/train_flickr8k.toml: MobileNetV2 .npz, 6000 tr
 - single process: `CaptionTrainer` with no strategy (TensorFlow uses every core), `--epochs` cross-entropy
   epochs, then `--scst-epochs` self-critical epochs of the same model (``[scst]`` of the config, enabled here:
   sampling k captions per image, CIDEr-D rewards, the weighted step), one row per phase;
-- Ray Train with 1 and 2 workers (`imgcap.distributed.train_on_ray`, 1 CPU each), same global batch.
+- Ray Train with 1 and 2 workers (`imgcap.train.ray_job.train_on_ray`, 1 CPU each), same global batch.
 
 images/s = training images per epoch / seconds of training in the epoch (dev evaluation excluded), taken from
 the last epoch (the first includes tracing the step function); the Ray job's wall time (start-up of the
@@ -35,7 +35,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from imgcap.config import TrainJobConfig, load_config  # noqa: E402
+from imgcap.config.loader import load_config  # noqa: E402
+from imgcap.config.training import TrainJobConfig  # noqa: E402
 
 SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_merge.py"
 
@@ -53,10 +54,13 @@ def run_seed(config: TrainJobConfig, steps: int) -> dict:
 
 def run_single_process(config: TrainJobConfig) -> dict[str, dict]:
     """Both phases in this process, as `imgcap train` runs them; one row per phase."""
-    from imgcap.dataset import prepare_training_data
-    from imgcap.train import (CaptionTrainer, build_model, dev_evaluator, phase_batches, phase_sizes,
-                              train_phase)
-    from imgcap.training_state import TrainingState, training_phases
+    from imgcap.data.dataset import prepare_training_data
+    from imgcap.model.decoder import build_model
+    from imgcap.train.batches import phase_batches, phase_sizes
+    from imgcap.train.evaluation import dev_evaluator
+    from imgcap.train.loop import train_phase
+    from imgcap.train.state import TrainingState, training_phases
+    from imgcap.train.trainer import CaptionTrainer
 
     data = prepare_training_data(config.data, config.text)
     model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
@@ -82,7 +86,7 @@ def run_single_process(config: TrainJobConfig) -> dict[str, dict]:
 
 
 def run_ray(config: TrainJobConfig, workers: int) -> dict:
-    from imgcap.distributed import train_on_ray
+    from imgcap.train.ray_job import train_on_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         job = dataclasses.replace(config, output_dir=tmp,

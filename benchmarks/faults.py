@@ -16,7 +16,7 @@ this run (the machine may be shared: compare the two seconds columns of a row, n
 - multi-node (`ray.cluster_utils.Cluster`, a head and two 2-CPU worker nodes): a worker node removed without
   grace while a CNN batch runs on it (versus the same cluster left alone).
 
-Faults come from imgcap.fault_injection (a test-only hook armed through a file). Prints a Markdown table and
+Faults come from imgcap.runtime.fault_injection (a test-only hook armed through a file). Prints a Markdown table and
 writes it with the raw figures as JSON (--output).
 """
 
@@ -39,21 +39,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the flaky S3 proxy and the fault harness are the tests' own
 
-from fault_harness import armed, output_ids, remove_node_on_marker, run_killed, three_node_cluster  # noqa: E402
+from fault_harness import (  # noqa: E402
+    armed,
+    output_ids,
+    remove_node_on_marker,
+    run_killed,
+    three_node_cluster,
+)
 
-from imgcap.caption_job import run_caption_job  # noqa: E402
-from imgcap.config import (  # noqa: E402
+from imgcap.batch.caption import run_caption_job  # noqa: E402
+from imgcap.batch.extract import extract_features  # noqa: E402
+from imgcap.config.jobs import (
     CaptionJobConfig,
     CnnConfig,
     ExtractConfig,
     S3Config,
     SourceConfig,
 )
-from imgcap.extract_job import extract_features  # noqa: E402
-from imgcap.fault_injection import FAULTS_ENV  # noqa: E402
-from imgcap.sinks import OutputDirectory  # noqa: E402
-from imgcap.sources import S3Options  # noqa: E402
-from imgcap.synthetic import make_shapes_dataset, untrained_bundle  # noqa: E402
+from imgcap.data.synthetic import make_shapes_dataset  # noqa: E402
+from imgcap.io.outputs import OutputDirectory  # noqa: E402
+from imgcap.io.storage import S3Options  # noqa: E402
+from imgcap.runtime.fault_injection import FAULTS_ENV  # noqa: E402
+from imgcap.testing.fixtures import untrained_bundle  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SHARED_IMAGES = SHARED / "flickr8k" / "Images"
@@ -94,7 +101,7 @@ class Faults:
         self.count = 0
 
     def spec(self, stage: str, batch: int, mode: str = "") -> tuple[str, Path]:
-        """A fault line for imgcap.fault_injection (arm it with `fault_harness.armed`), and its marker file."""
+        """A fault line for imgcap.runtime.fault_injection (arm it with `fault_harness.armed`), and its marker file."""
         self.count += 1
         marker = self.root / f"marker{self.count}"
         return f"{stage}:{batch}:{marker}{':' + mode if mode else ''}", marker

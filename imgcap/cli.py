@@ -20,11 +20,12 @@ import tomllib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from imgcap.backbones import BackboneError
-from imgcap.captions import CaptionFormatError
-from imgcap.config import ConfigError, load_config
-from imgcap.runtime import import_tensorflow, init_ray, quiet_tensorflow, setup_logging
-from imgcap.sources import SourceError
+from imgcap.config.loader import ConfigError, load_config
+from imgcap.data.captions import CaptionFormatError
+from imgcap.io.sources import SourceError
+from imgcap.runtime.cluster import init_ray
+from imgcap.runtime.logs import import_tensorflow, quiet_tensorflow, setup_logging
+from imgcap.vision.backbones import BackboneError
 
 T = TypeVar("T")
 
@@ -81,8 +82,8 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
 
 
 def _caption_command(args: argparse.Namespace) -> int:
-    from imgcap.config import DecodeConfig
-    from imgcap.caption_job import caption_photos
+    from imgcap.config.model import DecodeConfig
+    from imgcap.model.photos import caption_photos
 
     weights = None if args.weights == "none" else args.weights
     decode = DecodeConfig(beam_width=args.beam_width) if args.beam_width else None
@@ -128,27 +129,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--out", required=True, help="directory of the ensemble bundle")
         args = parser.parse_args(rest)
         import_tensorflow()
-        from imgcap.bundle import combine_bundles, load_bundle
+        from imgcap.model.bundle import combine_bundles, load_bundle
 
         combined = combine_bundles([load_bundle(b) for b in args.bundles]).save(args.out)
         print(f"ensemble of {len(args.bundles)} bundles -> {combined}")
         return 0
     if command == "pipeline":
-        from imgcap.pipeline import load_pipeline_config, run_pipeline
+        from imgcap.batch.pipeline import load_pipeline_config, run_pipeline
 
         return run_config_job(load_pipeline_config, run_pipeline, rest, commands[command])
     if command == "extract":
-        from imgcap.config import ExtractConfig
-        from imgcap.extract_job import extract_features
+        from imgcap.batch.extract import extract_features
+        from imgcap.config.jobs import ExtractConfig
 
         return run_config_job(ExtractConfig, extract_features, rest, commands[command])
     if command == "train":
-        from imgcap.config import TrainJobConfig
+        from imgcap.config.training import TrainJobConfig
         import_tensorflow()
-        from imgcap.train import train_captioner
+        from imgcap.train.local import train_captioner
 
         return run_config_job(TrainJobConfig, train_captioner, rest, commands[command], uses_ray=False)
-    from imgcap.config import CaptionJobConfig
-    from imgcap.caption_job import run_caption_job
+    from imgcap.batch.caption import run_caption_job
+    from imgcap.config.jobs import CaptionJobConfig
 
     return run_config_job(CaptionJobConfig, run_caption_job, rest, commands[command])

@@ -10,13 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from imgcap.runtime import quiet_tensorflow  # noqa: E402
+from imgcap.runtime.logs import quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()  # before anything imports TensorFlow: no CUDA/oneDNN banners on CPU machines
 
+from imgcap.batch.caption import run_caption_job  # noqa: E402
 from imgcap.cli import run_config_job  # noqa: E402
-from imgcap.config import CaptionJobConfig  # noqa: E402
-from imgcap.caption_job import run_caption_job  # noqa: E402
+from imgcap.config.jobs import CaptionJobConfig  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_config_job(CaptionJobConfig, run_caption_job, description=__doc__))

@@ -1,4 +1,4 @@
-"""Extract CNN features of images into Parquet (see imgcap.extract_job).
+"""Extract CNN features of images into Parquet (see imgcap.batch.extract).
 
 Local:          python jobs/extract_features.py --config configs/extract_flickr8k.toml
 On a cluster:   ray job submit --working-dir . -- python jobs/extract_features.py --config configs/extract_s3_example.toml
@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from imgcap.runtime import quiet_tensorflow  # noqa: E402
+from imgcap.runtime.logs import quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()  # before anything imports TensorFlow: no CUDA/oneDNN banners on CPU machines
 
+from imgcap.batch.extract import extract_features  # noqa: E402
 from imgcap.cli import run_config_job  # noqa: E402
-from imgcap.config import ExtractConfig  # noqa: E402
-from imgcap.extract_job import extract_features  # noqa: E402
+from imgcap.config.jobs import ExtractConfig  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_config_job(ExtractConfig, extract_features, description=__doc__))

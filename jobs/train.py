@@ -1,4 +1,4 @@
-"""Train the caption decoder with Ray Train (see imgcap.distributed.train_on_ray).
+"""Train the caption decoder with Ray Train (see imgcap.train.ray_job.train_on_ray).
 
 Local:          python jobs/train.py --config configs/train_flickr8k.toml
 On a cluster:   ray job submit --working-dir . -- python jobs/train.py --config configs/train_flickr8k.toml
@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from imgcap.runtime import quiet_tensorflow  # noqa: E402
+from imgcap.runtime.logs import quiet_tensorflow  # noqa: E402
 
 quiet_tensorflow()  # before anything imports TensorFlow: no CUDA/oneDNN banners on CPU machines
 
 from imgcap.cli import run_config_job  # noqa: E402
-from imgcap.config import TrainJobConfig  # noqa: E402
-from imgcap.distributed import train_on_ray  # noqa: E402
+from imgcap.config.training import TrainJobConfig  # noqa: E402
+from imgcap.train.ray_job import train_on_ray  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_config_job(TrainJobConfig, train_on_ray, description=__doc__))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgcap.imaging import ImagingOptions, load_pixels
+from imgcap.vision.imaging import ImagingOptions, load_pixels
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -19,7 +19,7 @@ FAKE_AWS_ENV = {
 }
 
 
-# Where tests arm injected faults (imgcap.fault_injection): every Ray worker of the test clusters reads it.
+# Where tests arm injected faults (imgcap.runtime.fault_injection): every Ray worker of the test clusters reads it.
 FAULTS_FILE = Path(tempfile.gettempdir()) / f"imgcap-test-faults-{os.getpid()}"
 TEST_WORKER_ENV = {**FAKE_AWS_ENV, "TF_CPP_MIN_LOG_LEVEL": "2", "IMGCAP_TEST_FAULTS": str(FAULTS_FILE)}
 

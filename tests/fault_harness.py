@@ -16,13 +16,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from imgcap.sinks import OutputDirectory
-from imgcap.sources import S3Options
+from imgcap.io.outputs import OutputDirectory
+from imgcap.io.storage import S3Options
 
 
 @contextmanager
 def armed(faults_file: Path, *specs: str) -> Iterator[None]:
-    """Arm `specs` (``<stage>:<batch>:<marker>[:mode]``, imgcap.fault_injection) for every Ray worker that reads
+    """Arm `specs` (``<stage>:<batch>:<marker>[:mode]``, imgcap.runtime.fault_injection) for every Ray worker that reads
     `faults_file`, for the duration of the block."""
     faults_file.write_text("\n".join(specs) + "\n", encoding="utf-8")
     try:

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from _imaging import SHARED
 
-from imgcap.backbones import BACKBONES, BackboneError, build_backbone, get_backbone
+from imgcap.vision.backbones import (
+    BACKBONES,
+    BackboneError,
+    build_backbone,
+    get_backbone,
+)
 
 MOBILENET_FILE = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 needs_weights = pytest.mark.skipif(not MOBILENET_FILE.is_file(), reason=f"shared weights not found: {MOBILENET_FILE}")
@@ -76,7 +81,7 @@ def test_imagenet_weights_come_from_a_prefilled_keras_home(tmp_path):
     (tmp_path / "models" / MOBILENET_FILE.name).symlink_to(MOBILENET_FILE)
     script = (
         "import numpy as np\n"
-        "from imgcap.backbones import BACKBONES, build_backbone\n"
+        "from imgcap.vision.backbones import BACKBONES, build_backbone\n"
         "spec = BACKBONES['mobilenet_v2']\n"
         "x = spec.preprocess(np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3)))\n"
         "a = build_backbone('mobilenet_v2', 'imagenet').predict_on_batch(x)\n"

@@ -15,24 +15,27 @@ import pyarrow.parquet as pq
 import pytest
 from _imaging import SHARED, jpeg_bytes
 
-from imgcap.bundle import load_bundle
-from imgcap.caption_job import caption_photos, run_caption_job
-from imgcap.config import (
+from imgcap.batch.caption import run_caption_job
+from imgcap.batch.caption_outputs import CAPTION_SCHEMA
+from imgcap.batch.extract import extract_features
+from imgcap.config.jobs import (
     CaptionJobConfig,
     CnnConfig,
     ExtractConfig,
     S3Config,
     SourceConfig,
-    TrainJobConfig,
-    config_from_dict,
 )
-from imgcap.embedding import CnnEmbedder, EmbeddingSpec
-from imgcap.extract_job import extract_features
-from imgcap.feature_table import load_features
-from imgcap.imaging import load_pixels
-from imgcap.sinks import CAPTION_SCHEMA, OutputDirectory
-from imgcap.sources import S3Options
-from imgcap.synthetic import untrained_bundle
+from imgcap.config.loader import config_from_dict
+from imgcap.config.training import TrainJobConfig
+from imgcap.data.feature_table import load_features
+from imgcap.io.outputs import OutputDirectory
+from imgcap.io.storage import S3Options
+from imgcap.model.bundle import load_bundle
+from imgcap.model.photos import caption_photos
+from imgcap.testing.fixtures import untrained_bundle
+from imgcap.vision.embedder import CnnEmbedder
+from imgcap.vision.imaging import load_pixels
+from imgcap.vision.spec import EmbeddingSpec
 
 FLICKR = SHARED / "flickr8k"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
@@ -52,7 +55,7 @@ def caption_rows(output: OutputDirectory) -> dict[str, dict]:
 def flickr_bundle(tmp_path_factory):
     """A small merge decoder trained briefly on the shared MobileNetV2 features (its captions need only be
     deterministic here, not good), with the embedding the shared features were made with."""
-    from imgcap.train import train_captioner
+    from imgcap.train.local import train_captioner
 
     out = tmp_path_factory.mktemp("flickr_bundle")
     config = config_from_dict(TrainJobConfig, {
@@ -64,7 +67,7 @@ def flickr_bundle(tmp_path_factory):
         "model": {"embedding_dim": 64, "units": 128},
         "train": {"epochs": 1, "batch_size": 128, "select_by": "loss"},
         "decode": {"beam_width": 3}})
-    return train_captioner(config, progress=False).bundle_dir
+    return train_captioner(config, progress=False).bundle_path
 
 
 @needs_shared

@@ -3,8 +3,13 @@ from pathlib import Path
 
 import pytest
 
-from imgcap.captions import (CaptionFormatError, deterministic_split, detect_format, read_captions,
-                             read_split_file)
+from imgcap.data.captions import (
+    CaptionFormatError,
+    detect_format,
+    deterministic_split,
+    read_captions,
+    read_split_file,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"
 

@@ -1,7 +1,9 @@
 import pytest
 
 from imgcap.cli import parse_overrides
-from imgcap.config import ConfigError, DecodeConfig, TrainJobConfig, load_config
+from imgcap.config.loader import ConfigError, load_config
+from imgcap.config.model import DecodeConfig
+from imgcap.config.training import TrainJobConfig
 
 MINIMAL = 'output_dir = "out"\n[data]\ncaptions = "caps.txt"\nfeatures = "f.npz"\n'
 
@@ -77,14 +79,14 @@ def test_decode_label_says_how_captions_were_made():
     ('bundle = "b"\nthumbnail_size = -5\n[[sources]]\npath = "imgs"\n', "thumbnail_size must be >= 0"),
 ])
 def test_caption_job_config_errors_name_the_key(tmp_path, text, message):
-    from imgcap.config import CaptionJobConfig
+    from imgcap.config.jobs import CaptionJobConfig
 
     with pytest.raises(ConfigError, match=message):
         load_config(CaptionJobConfig, write(tmp_path, text))
 
 
 def test_caption_job_config_keeps_uris_and_resolves_paths(tmp_path):
-    from imgcap.config import CaptionJobConfig
+    from imgcap.config.jobs import CaptionJobConfig
 
     config = load_config(CaptionJobConfig, write(tmp_path, 'bundle = "s3://b/bundle"\noutput_dir = "s3://b/out"\n'
                                                            '[[sources]]\npath = "imgs"\n[cnn]\nmax_actors = 4\n'))
@@ -101,7 +103,8 @@ import re  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
 
-from imgcap.config import CaptionJobConfig, ExtractConfig, config_from_dict  # noqa: E402
+from imgcap.config.jobs import CaptionJobConfig, ExtractConfig  # noqa: E402
+from imgcap.config.loader import config_from_dict  # noqa: E402
 
 JOB_MINIMA = {
     TrainJobConfig: {"data": {"captions": "caps.txt", "features": "f.npz"}},

@@ -3,18 +3,22 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from imgcap.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
-from imgcap.bundle import CaptionBundle, combine_bundles, load_bundle
-from imgcap.config import DecodeConfig, ModelConfig, TextConfig, TrainConfig
-from imgcap.dataset import iterate_batches
-from imgcap.embedding import EmbeddingSpec
-from imgcap.evaluate import nltk_corpus_bleu
-from imgcap.model import CaptionEnsemble, CaptionModel
-from imgcap.text import PAD_ID, START_ID, UNK_ID, Vocabulary
-from imgcap.train import CaptionBatches, CaptionTrainer, DevEvaluator, build_model, fit
-from imgcap.training_state import TrainingState
 from toy import make_toy_training
+
+from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
+from imgcap.config.training import TrainConfig
+from imgcap.data.dataset import iterate_batches
+from imgcap.data.text import PAD_ID, START_ID, UNK_ID, Vocabulary
+from imgcap.metrics.evaluate import nltk_corpus_bleu
+from imgcap.model.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
+from imgcap.model.bundle import CaptionBundle, combine_bundles, load_bundle
+from imgcap.model.decoder import CaptionEnsemble, CaptionModel, build_model
+from imgcap.train.batches import CaptionBatches
+from imgcap.train.evaluation import DevEvaluator
+from imgcap.train.loop import fit
+from imgcap.train.state import TrainingState
+from imgcap.train.trainer import CaptionTrainer
+from imgcap.vision.spec import EmbeddingSpec
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +178,7 @@ def test_decoder_rejects_wrong_feature_size(trained):
 
 
 def test_label_smoothing_loss_is_larger_for_confident_correct_predictions():
-    from imgcap.train import masked_token_loss
+    from imgcap.train.losses import masked_token_loss
 
     logits = tf.constant([[[10.0, 0.0, 0.0], [0.0, 10.0, 0.0]]])
     targets = tf.constant([[1, 0]])  # second token is <pad>: ignored

@@ -1,4 +1,4 @@
-"""Ray Train data-parallel training (imgcap.distributed) on the local 2-CPU Ray cluster.
+"""Ray Train data-parallel training (imgcap.train.ray_job) on the local 2-CPU Ray cluster.
 
 The toy captioning problem is written to disk as a Flickr8k-style caption file, split files and an .npz of
 features, so the job reads real files exactly as jobs/train.py does. The Ray Train runs shared by the tests:
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from imgcap.config import ConfigError, TrainJobConfig, config_from_dict
 from toy import write_toy_job_files
+
+from imgcap.config.loader import ConfigError, config_from_dict
+from imgcap.config.training import TrainJobConfig
 
 EPOCHS, BATCH, LR, DECAY = 12, 32, 3e-3, 0.9
 CRASH_EPOCH = 3
@@ -49,7 +50,8 @@ def job_config(files: dict[str, str], output_dir: Path, **tables) -> TrainJobCon
 @pytest.fixture(scope="module")
 def two_workers(ray_local, toy_files, tmp_path_factory):
     """2 workers, 12 epochs; the last worker raises once in the middle of epoch 3 (the test hook)."""
-    from imgcap.distributed import FAIL_ONCE_ENV, train_on_ray
+    from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
     root = tmp_path_factory.mktemp("two_workers")
     marker = root / "crashed.txt"
@@ -61,23 +63,23 @@ def two_workers(ray_local, toy_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_worker(ray_local, toy_files, tmp_path_factory):
-    from imgcap.distributed import train_on_ray
+    from imgcap.train.ray_job import train_on_ray
 
     return train_on_ray(job_config(toy_files, tmp_path_factory.mktemp("one_worker") / "out",
                                    ray={"num_workers": 1}))
 
 
 def test_two_workers_lower_the_loss_and_write_the_bundle(two_workers):
-    from imgcap.bundle import load_bundle
+    from imgcap.model.bundle import load_bundle
 
     result, _ = two_workers
     dev = [h.dev_loss for h in result.history]
     train = [h.train_loss for h in result.history]
     assert dev[-1] < 0.4 * dev[0] and train[-1] < 0.4 * train[0]
     assert result.best_epoch == int(np.argmin(dev)) + 1
-    bundle = load_bundle(result.bundle_dir)  # what the captioning job loads
+    bundle = load_bundle(result.bundle_path)  # what the captioning job loads
     assert bundle.provenance["best_epoch"] == result.best_epoch and bundle.provenance["ray_run"] == result.run_dir
-    output = result.bundle_dir.parent
+    output = result.bundle_path.parent
     assert (output / "history.csv").read_text().count("\n") == EPOCHS + 1
     assert json.loads((output / "dev_report.json").read_text())["nltk_bleu"][0] > 0.8
     assert result.metrics["world_size"] == 2 and result.metrics["epoch"] == EPOCHS
@@ -113,13 +115,13 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, one_
 def test_resume_continues_the_epoch_count(two_workers, toy_files, tmp_path):
     import tensorflow as tf
 
-    from imgcap.distributed import train_on_ray
-    from imgcap.training_state import CHECKPOINT_STATE
+    from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.state import CHECKPOINT_STATE
 
     previous = two_workers[0]
     more = EPOCHS + 2
     result = train_on_ray(job_config(toy_files, tmp_path / "out", train={"epochs": more},
-                                     ray={"num_workers": 1, "resume_from": str(previous.bundle_dir.parent)}))
+                                     ray={"num_workers": 1, "resume_from": str(previous.bundle_path.parent)}))
     assert result.resumed_from.endswith(f"checkpoint_epoch_{EPOCHS:04d}")
     assert result.metrics["started_at_epoch"] == EPOCHS
     assert [h.epoch for h in result.history] == list(range(1, more + 1))
@@ -134,7 +136,7 @@ def test_resume_continues_the_epoch_count(two_workers, toy_files, tmp_path):
 def test_config_errors_fail_before_any_worker_starts(ray_local, toy_files, tmp_path, monkeypatch):
     import ray.train.tensorflow
 
-    from imgcap import distributed
+    from imgcap.train import ray_job
 
     def no_workers(*args, **kwargs):
         raise AssertionError("a Ray Train run was started")
@@ -155,7 +157,7 @@ def test_config_errors_fail_before_any_worker_starts(ray_local, toy_files, tmp_p
     for overrides, message in cases:
         started = time.perf_counter()
         with pytest.raises(ConfigError, match=message):
-            distributed.train_on_ray(job_config(toy_files, tmp_path / "out", **overrides))
+            ray_job.train_on_ray(job_config(toy_files, tmp_path / "out", **overrides))
         assert time.perf_counter() - started < 30
     assert not (tmp_path / "out").exists()
 
@@ -163,10 +165,10 @@ def test_config_errors_fail_before_any_worker_starts(ray_local, toy_files, tmp_p
 def test_resume_checks_the_checkpoint_against_the_config(two_workers, toy_files, tmp_path, monkeypatch):
     import ray.train.tensorflow
 
-    from imgcap.distributed import train_on_ray
+    from imgcap.train.ray_job import train_on_ray
 
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", None)  # must not be reached
-    previous = str(two_workers[0].bundle_dir.parent)
+    previous = str(two_workers[0].bundle_path.parent)
     with pytest.raises(ConfigError, match="model.units is 32 but the checkpoint .* was trained with 64"):
         train_on_ray(job_config(toy_files, tmp_path / "out", model={"units": 32}, train={"epochs": EPOCHS + 1},
                                 ray={"resume_from": previous}))
@@ -179,8 +181,8 @@ def test_resume_checks_the_checkpoint_against_the_config(two_workers, toy_files,
 
 def test_train_job_reports_config_errors_with_status_2(ray_local, toy_files, tmp_path, capsys):
     from imgcap.cli import run_config_job
-    from imgcap.config import TrainJobConfig
-    from imgcap.distributed import train_on_ray
+    from imgcap.config.training import TrainJobConfig
+    from imgcap.train.ray_job import train_on_ray
 
     config = tmp_path / "train.toml"
     lines = [f'{k} = "{v}"' for k, v in toy_files.items()]
@@ -201,7 +203,8 @@ SCST = {"enabled": True, "epochs": 3, "samples": 3, "batch_size": 30, "learning_
 def scst_two_workers(ray_local, toy_files, tmp_path_factory):
     """2 workers: 2 cross-entropy epochs, then 3 self-critical ones; the last worker raises once in the middle of
     self-critical epoch 2, so the restarted worker group must restore a self-critical checkpoint."""
-    from imgcap.distributed import FAIL_ONCE_ENV, train_on_ray
+    from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
     root = tmp_path_factory.mktemp("scst_two_workers")
     marker = root / "crashed.txt"
@@ -212,7 +215,7 @@ def scst_two_workers(ray_local, toy_files, tmp_path_factory):
 
 
 def test_self_critical_training_resumes_from_its_checkpoint_with_two_workers(scst_two_workers):
-    from imgcap.bundle import load_bundle
+    from imgcap.model.bundle import load_bundle
 
     result, marker = scst_two_workers
     assert marker.is_file() and "scst epoch 2" in marker.read_text()  # the hook did raise
@@ -225,7 +228,7 @@ def test_self_critical_training_resumes_from_its_checkpoint_with_two_workers(scs
     assert result.best_epoch == 1 + int(np.argmax([h.dev_cider for h in scst]))  # scst.select_by = "cider"
     run = Path(result.run_dir)
     assert (run / "checkpoint_scst_epoch_0003").is_dir() and result.checkpoint.endswith("checkpoint_scst_epoch_0003")
-    bundle = load_bundle(result.bundle_dir)
+    bundle = load_bundle(result.bundle_path)
     assert bundle.provenance["phase"] == "scst" and bundle.provenance["phases"] == ["xe", "scst"]
 
 
@@ -242,7 +245,8 @@ def no_trainer(*args, **kwargs):
 def rerun(ray_local, toy_files, tmp_path_factory):
     """One job config (1 worker, 3 epochs, ray.max_failures = 0) run twice: the first run crashes in the middle
     of epoch 2 and fails (its epoch-1 checkpoint stays); the second, the same job again, continues that run."""
-    from imgcap.distributed import FAIL_ONCE_ENV, train_on_ray
+    from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
     root = tmp_path_factory.mktemp("rerun")
     config = job_config(toy_files, root / "out", train={"epochs": RERUN_EPOCHS},
@@ -258,7 +262,7 @@ def rerun(ray_local, toy_files, tmp_path_factory):
 
 
 def test_rerunning_a_job_continues_its_run(rerun):
-    from imgcap.distributed import default_run_name
+    from imgcap.train.run_storage import default_run_name
 
     config, continued = rerun
     storage = Path(config.output_dir).resolve() / "ray_results"
@@ -279,17 +283,17 @@ def test_rerunning_a_finished_job_writes_the_outputs_without_training(rerun, mon
 
     import ray.train.tensorflow
 
-    from imgcap.bundle import load_bundle
-    from imgcap.distributed import train_on_ray
+    from imgcap.model.bundle import load_bundle
+    from imgcap.train.ray_job import train_on_ray
 
     config, continued = rerun
-    before = load_bundle(continued.bundle_dir).model.get_weights()
+    before = load_bundle(continued.bundle_path).model.get_weights()
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
     again = train_on_ray(config)
     assert not again.trained and again.run_dir == continued.run_dir and again.checkpoint == continued.checkpoint
     assert [h.as_dict() for h in again.history] == [h.as_dict() for h in continued.history]
     assert again.best_epoch == continued.best_epoch and again.report.nltk_bleu == continued.report.nltk_bleu
-    after = load_bundle(again.bundle_dir).model.get_weights()
+    after = load_bundle(again.bundle_path).model.get_weights()
     assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
 
     # More epochs: the same run trains on (Ray Train is started with the same run name and storage).
@@ -314,7 +318,7 @@ def test_rerun_with_a_changed_config_is_refused(rerun, monkeypatch):
 
     import ray.train.tensorflow
 
-    from imgcap.distributed import train_on_ray
+    from imgcap.train.ray_job import train_on_ray
 
     config, continued = rerun
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
@@ -335,7 +339,7 @@ def s3_run(ray_local, s3_server, toy_files, tmp_path_factory):
     """1 worker, 2 epochs, ray.storage_path = s3://imgcap-runs/ray on the moto endpoint."""
     import boto3
 
-    from imgcap.distributed import train_on_ray
+    from imgcap.train.ray_job import train_on_ray
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
     config = job_config(toy_files, tmp_path_factory.mktemp("s3_run") / "out", train={"epochs": 2},
@@ -348,7 +352,9 @@ def test_s3_storage_path_keeps_the_run_in_the_bucket(s3_run, s3_server, toy_file
     import pyarrow.fs
     import ray.train.tensorflow
 
-    from imgcap.distributed import default_run_name, find_latest_checkpoint, train_on_ray
+    from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.run_storage import default_run_name
+    from imgcap.train.state import find_latest_checkpoint
 
     config, result = s3_run
     name = default_run_name(config.output_dir)
@@ -378,7 +384,7 @@ def test_unwritable_storage_path_fails_before_any_worker_starts(ray_local, s3_se
                                                                monkeypatch):
     import ray.train.tensorflow
 
-    from imgcap.distributed import train_on_ray
+    from imgcap.train.ray_job import train_on_ray
 
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
     started = time.perf_counter()
@@ -398,7 +404,7 @@ def test_unwritable_storage_path_fails_before_any_worker_starts(ray_local, s3_se
 
 
 def test_fixed_cluster_is_refused_at_once(ray_local, toy_files, tmp_path):
-    from imgcap import distributed
+    from imgcap.train import ray_cluster as distributed
 
     assert distributed.cluster_can_grow() is False  # a local ray.init(): the read-only autoscaler
     config = job_config(toy_files, tmp_path / "out", ray={"use_gpu": True, "num_workers": 1})
@@ -406,7 +412,7 @@ def test_fixed_cluster_is_refused_at_once(ray_local, toy_files, tmp_path):
     started = time.perf_counter()
     with pytest.raises(ConfigError, match=r"ray.use_gpu = true needs one GPU per worker \(1\) but the Ray cluster "
                                           r"has 0; set ray.use_gpu = false"):
-        distributed._check_cluster(config)
+        distributed.check_cluster(config)
     assert time.perf_counter() - started < 5
 
 
@@ -417,7 +423,7 @@ def test_autoscaling_cluster_is_waited_for(ray_local, toy_files, tmp_path, monke
     import importlib
     import threading
 
-    from imgcap import distributed
+    from imgcap.train import ray_cluster as distributed
 
     pg_module = importlib.import_module("ray.util.placement_group")  # the module (ray.util's name is the function)
 
@@ -433,13 +439,13 @@ def test_autoscaling_cluster_is_waited_for(ray_local, toy_files, tmp_path, monke
         return groups[-1][1]
 
     monkeypatch.setattr(pg_module, "placement_group", recording)
-    distributed._check_cluster(config, wait=False)  # can grow: not refused before the data are read
+    distributed.check_cluster(config, wait=False)  # can grow: not refused before the data are read
     assert not groups
     started = time.perf_counter()
     with pytest.raises(ConfigError, match=rf"waited 4 s \(ray.resource_timeout_s\) for the autoscaler, in vain: "
                                           rf"ray.num_workers = {cpus + 1} .* needs {cpus + 1} CPUs .* set "
                                           rf"ray.num_workers <= {cpus} .* raise ray.resource_timeout_s"):
-        distributed._check_cluster(config)
+        distributed.check_cluster(config)
     waited = time.perf_counter() - started
     assert 4 <= waited < 25, waited
     assert groups[0][0] == [{"CPU": 1}] * (cpus + 1)  # the demand the autoscaler scales up for
@@ -448,7 +454,7 @@ def test_autoscaling_cluster_is_waited_for(ray_local, toy_files, tmp_path, monke
     no_wait = dataclasses.replace(config, ray=dataclasses.replace(config.ray, resource_timeout_s=0))
     started = time.perf_counter()
     with pytest.raises(ConfigError, match=f"needs {cpus + 1} CPUs but the Ray cluster has {cpus}"):
-        distributed._check_cluster(no_wait)
+        distributed.check_cluster(no_wait)
     assert time.perf_counter() - started < 5
 
     # Resources that come while waiting: the cluster "has" no CPU yet (as seen by the check), and the real
@@ -471,7 +477,7 @@ def test_autoscaling_cluster_is_waited_for(ray_local, toy_files, tmp_path, monke
     monkeypatch.setattr(ray_local, "cluster_resources", first_look_finds_no_cpu)
     threading.Timer(2.0, ray_local.kill, [holder]).start()
     started = time.perf_counter()
-    distributed._check_cluster(fits)
+    distributed.check_cluster(fits)
     assert 1.5 <= time.perf_counter() - started < 30
     assert ray_local.util.placement_group_table(groups[-1][1])["state"] == "REMOVED"
 
@@ -486,9 +492,9 @@ def test_full_scale_ray_job_matches_single_process_dev_bleu(ray_local, tmp_path)
     of the saved bundles (the config's beam-3 decoding, NLTK corpus BLEU) agree within 0.01. ~20-30 min."""
     import dataclasses
 
-    from imgcap.config import load_config
-    from imgcap.distributed import train_on_ray
-    from imgcap.train import train_captioner
+    from imgcap.config.loader import load_config
+    from imgcap.train.local import train_captioner
+    from imgcap.train.ray_job import train_on_ray
 
     if not (SHARED / "features_mobilenet_v2.npz").is_file():
         pytest.skip(f"the shared Flickr8k features are not at {SHARED}")

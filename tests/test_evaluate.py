@@ -2,7 +2,12 @@ import math
 
 import pytest
 
-from imgcap.evaluate import coco_scores, evaluate_captions, nltk_corpus_bleu, nltk_sentence_bleu
+from imgcap.metrics.evaluate import (
+    coco_scores,
+    evaluate_captions,
+    nltk_corpus_bleu,
+    nltk_sentence_bleu,
+)
 
 REF = "the cat is on the mat".split()
 HYP = "the cat sat on the mat".split()

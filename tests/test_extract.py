@@ -17,10 +17,11 @@ import pytest
 from _imaging import SHARED, jpeg_bytes, thumbnail, write_bad_inputs, write_jpegs
 from PIL import Image
 
-from imgcap.config import ExtractConfig, config_from_dict, load_config
-from imgcap.extract_job import extract_features
-from imgcap.feature_table import FEATURE_SCHEMA, load_features
-from imgcap.sinks import INCOMPLETE_DIR
+from imgcap.batch.extract import extract_features
+from imgcap.config.jobs import ExtractConfig
+from imgcap.config.loader import config_from_dict, load_config
+from imgcap.data.feature_table import FEATURE_SCHEMA, load_features
+from imgcap.io.outputs import INCOMPLETE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +160,7 @@ def test_job_entrypoint_runs_against_the_cluster_and_reports(ray_local, tmp_path
 
 
 def test_config_validation(tmp_path):
-    from imgcap.config import ConfigError
+    from imgcap.config.loader import ConfigError
 
     config = tmp_path / "c.toml"
     config.write_text('[[sources]]\npath = "imgs"\n')

@@ -1,7 +1,7 @@
 """Nothing lost under faults: actors killed mid-job, a read task failing, S3 answering 500/503/SlowDown, a node
 removed from a multi-node Ray cluster, drivers SIGKILLed and the same command rerun.
 
-Every fault is real: processes exit with ``os._exit`` (imgcap.fault_injection), the flaky S3 is an HTTP proxy
+Every fault is real: processes exit with ``os._exit`` (imgcap.runtime.fault_injection), the flaky S3 is an HTTP proxy
 in front of moto's server (tests/flaky_s3.py), the node is a raylet of a `ray.cluster_utils.Cluster` removed
 without grace, the drivers are `jobs/*.py` processes killed with SIGKILL. Each test then checks that every
 input is in the output exactly once.
@@ -19,22 +19,29 @@ import boto3
 import pytest
 from _imaging import jpeg_bytes, write_jpegs
 from conftest import FAULTS_FILE, TEST_WORKER_ENV, start_local_ray
-from fault_harness import armed, output_ids, remove_node_on_marker, run_killed, three_node_cluster
+from fault_harness import (
+    armed,
+    output_ids,
+    remove_node_on_marker,
+    run_killed,
+    three_node_cluster,
+)
 from flaky_s3 import FlakyS3Proxy
 from toy import write_toy_job_files
 
-from imgcap.caption_job import run_caption_job
-from imgcap.config import (
+from imgcap.batch.caption import run_caption_job
+from imgcap.batch.extract import extract_features
+from imgcap.config.jobs import (
     CaptionJobConfig,
     CnnConfig,
     ExtractConfig,
     S3Config,
     SourceConfig,
 )
-from imgcap.extract_job import extract_features
-from imgcap.sinks import INCOMPLETE_DIR, OutputDirectory
-from imgcap.sources import S3Options, SourceError
-from imgcap.synthetic import untrained_bundle
+from imgcap.io.outputs import INCOMPLETE_DIR, OutputDirectory
+from imgcap.io.sources import SourceError
+from imgcap.io.storage import S3Options
+from imgcap.testing.fixtures import untrained_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,10 @@ import time
 import pytest
 import ray.data
 
-from imgcap.config import ActorPoolConfig, ConfigError, ExtractConfig, config_from_dict
-from imgcap.embedding import check_gpus_visible
-from imgcap.runtime import actor_pool_args, check_gpus_schedulable
+from imgcap.batch.actors import actor_pool_args, check_gpus_schedulable
+from imgcap.config.jobs import ActorPoolConfig, ExtractConfig
+from imgcap.config.loader import ConfigError, config_from_dict
+from imgcap.vision.embedder import check_gpus_visible
 
 
 def test_actor_pools_request_gpus_whenever_asked_and_autoscale_between_min_and_max():
@@ -29,9 +30,9 @@ def test_a_gpu_tensorflow_cannot_see_fails_loudly():
 
 
 def test_gpu_actors_on_a_fixed_cpu_cluster_are_refused_naming_the_key(ray_local, tmp_path):
-    from imgcap.extract_job import extract_features
+    from imgcap.batch.extract import extract_features
 
-    check_gpus_schedulable(ActorPoolConfig(gpus_per_actor=0), "gpus_per_actor")  # CPU: nothing to check
+    check_gpus_schedulable(ActorPoolConfig(gpus_per_actor=0))  # CPU: nothing to check
     (tmp_path / "images").mkdir()
     from _imaging import write_jpegs
 

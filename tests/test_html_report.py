@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from _imaging import jpeg_bytes
 from PIL import Image
 
-from imgcap.evaluate import EvaluationReport
-from imgcap.html_report import render_contact_sheet, select_rows
-
-from _imaging import jpeg_bytes
+from imgcap.batch.html_report import render_contact_sheet, select_rows
+from imgcap.metrics.evaluate import EvaluationReport
 
 EVIL_SOURCE = "/data/a&b/<script>window.pwned=1</script><img src=x onerror=\"window.pwned=2\">.jpg"
 EVIL_ID = "tom&jerry\"<i>"

@@ -11,7 +11,7 @@ import pytest
 from _imaging import jpeg_bytes, pattern
 from PIL import Image
 
-from imgcap.imaging import ImageError, ImagingOptions, pixels_batch, load_pixels
+from imgcap.vision.imaging import ImageError, ImagingOptions, load_pixels, pixels_batch
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

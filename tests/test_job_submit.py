@@ -37,8 +37,10 @@ import pytest
 from _imaging import write_jpegs
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from imgcap.config import CaptionJobConfig, DecodeConfig, ModelConfig, TextConfig, load_config
-from imgcap.text import Vocabulary, normalize
+from imgcap.config.jobs import CaptionJobConfig
+from imgcap.config.loader import load_config
+from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
+from imgcap.data.text import Vocabulary, normalize
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: its `ray`, and the `python` job entrypoints run
@@ -199,12 +201,12 @@ class CaptionInputs:
 def caption_inputs(tmp_path_factory) -> CaptionInputs:
     """An untrained (but real) bundle over `thumbnail` features and a directory of NUM_IMAGES real JPEGs, at
     absolute paths: the job runs from an uploaded copy of the repository, not from here."""
-    from imgcap.runtime import quiet_tensorflow
+    from imgcap.runtime.logs import quiet_tensorflow
 
     quiet_tensorflow()  # before the first TensorFlow import (below), as the jobs do
-    from imgcap.bundle import CaptionBundle
-    from imgcap.embedding import EmbeddingSpec
-    from imgcap.train import build_model
+    from imgcap.model.bundle import CaptionBundle
+    from imgcap.model.decoder import build_model
+    from imgcap.vision.spec import EmbeddingSpec
 
     work = tmp_path_factory.mktemp("caption_inputs")
     captions = ["A dog runs on the grass.", "A red car is parked.", "Two children play with a ball."]

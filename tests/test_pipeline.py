@@ -8,14 +8,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from imgcap.bundle import load_bundle
-from imgcap.config import CaptionJobConfig, CnnConfig, ConfigError, DecodeConfig, SourceConfig
-from imgcap.evaluate import nltk_corpus_bleu
-from imgcap.feature_table import load_features
-from imgcap.caption_job import caption_photos, run_caption_job
-from imgcap.pipeline import load_pipeline_config, run_pipeline
-from imgcap.sinks import CAPTION_SCHEMA, OutputDirectory
-from imgcap.sources import S3Options
+from imgcap.batch.caption import run_caption_job
+from imgcap.batch.caption_outputs import CAPTION_SCHEMA
+from imgcap.batch.pipeline import load_pipeline_config, run_pipeline
+from imgcap.config.jobs import CaptionJobConfig, CnnConfig, SourceConfig
+from imgcap.config.loader import ConfigError
+from imgcap.config.model import DecodeConfig
+from imgcap.data.feature_table import load_features
+from imgcap.io.outputs import OutputDirectory
+from imgcap.io.storage import S3Options
+from imgcap.metrics.evaluate import nltk_corpus_bleu
+from imgcap.model.bundle import load_bundle
+from imgcap.model.photos import caption_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +60,7 @@ def test_demo_pipeline_captions_dev_images_better_than_chance(demo_run):
 
 def test_bundle_records_its_provenance(demo_run):
     config, result = demo_run
-    bundle = load_bundle(result.training.bundle_dir)
+    bundle = load_bundle(result.training.bundle_path)
     assert bundle.backbone == "thumbnail"
     assert bundle.provenance["train_job"]["data"]["captions"] == config.train.data.captions
     assert len(bundle.provenance["history"]) == len(result.training.history)
@@ -72,7 +76,7 @@ def test_caption_job_keeps_error_rows_and_restricts_to_a_split(demo_run, tmp_pat
     pq.write_table(table.from_pylist([broken], schema=table.schema), features / "broken.parquet")
     split = tmp_path / "split.txt"
     split.write_text("broken.jpg\nshapes_00001.jpg\nshapes_00002.jpg\n")
-    job = CaptionJobConfig(bundle=str(result.training.bundle_dir), features=str(features),
+    job = CaptionJobConfig(bundle=str(result.training.bundle_path), features=str(features),
                            output_dir=str(tmp_path / "out"), split=str(split), references=config.caption.references)
     out = run_caption_job(job)
     rows = {r["image_id"]: r for r in read_captions_output(tmp_path / "out" / "captions").to_pylist()}
@@ -100,10 +104,10 @@ def test_images_to_captions_matches_the_features_path(demo_run, tmp_path):
     shutil.copytree(images, photos, ignore=lambda d, names: [n for n in names if n[7:12] > "00007"])
     (photos / "empty.jpg").write_bytes(b"")
     from_images = run_caption_job(CaptionJobConfig(
-        bundle=str(result.training.bundle_dir), sources=[SourceConfig(str(photos))], output_dir=str(tmp_path / "a"),
+        bundle=str(result.training.bundle_path), sources=[SourceConfig(str(photos))], output_dir=str(tmp_path / "a"),
         references=config.caption.references, split=str(split), cnn=CnnConfig(weights="none"), thumbnail_size=48))
     from_features = run_caption_job(CaptionJobConfig(
-        bundle=str(result.training.bundle_dir), features=config.extract.output_dir, output_dir=str(tmp_path / "b"),
+        bundle=str(result.training.bundle_path), features=config.extract.output_dir, output_dir=str(tmp_path / "b"),
         split=str(split)))
     a = {r["image_id"]: r for r in read_captions_output(tmp_path / "a" / "captions").to_pylist()}
     b = {r["image_id"]: r for r in read_captions_output(tmp_path / "b" / "captions").to_pylist()}
@@ -123,10 +127,10 @@ def test_caption_photos_matches_the_batch_job(demo_run):
     config, result = demo_run
     images = Path(config.extract.sources[0].path)
     photos = [str(images / "shapes_00003.jpg"), str(images / "missing.jpg")]
-    single = caption_photos(result.training.bundle_dir, photos, weights=None)
+    single = caption_photos(result.training.bundle_path, photos, weights=None)
     assert single[1].caption is None and "No such file" in single[1].error
     table = load_features(config.extract.output_dir).select(["shapes_00003"])
-    assert single[0].caption == " ".join(load_bundle(result.training.bundle_dir).caption(table.features)[0])
+    assert single[0].caption == " ".join(load_bundle(result.training.bundle_path).caption(table.features)[0])
 
 
 def test_pipeline_config_errors_name_the_stage_key(tmp_path):
@@ -150,7 +154,7 @@ def test_job_entrypoint_exits_2_on_a_config_error(tmp_path):
 def test_an_empty_source_captions_nothing_and_says_so(demo_run, tmp_path):
     _, result = demo_run
     (tmp_path / "empty").mkdir()
-    out = run_caption_job(CaptionJobConfig(bundle=str(result.training.bundle_dir),
+    out = run_caption_job(CaptionJobConfig(bundle=str(result.training.bundle_path),
                                            sources=[SourceConfig(str(tmp_path / "empty"))],
                                            output_dir=str(tmp_path / "out"), cnn=CnnConfig(weights="none")))
     assert (out.listed, out.skipped, out.captioned, out.failed, out.missing) == (0, 0, 0, 0, 0)

@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from _imaging import jpeg_bytes, thumbnail
 
-from imgcap.config import ExtractConfig, config_from_dict
-from imgcap.extract_job import extract_features
-from imgcap.sources import S3Options, SourceError, list_source, plan_shards, read_shard
+from imgcap.batch.extract import extract_features
+from imgcap.config.jobs import ExtractConfig
+from imgcap.config.loader import config_from_dict
+from imgcap.io.sources import SourceError, list_source, plan_shards, read_shard
+from imgcap.io.storage import S3Options
 
 BUCKET = "imgcap-test"
 

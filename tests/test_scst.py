@@ -10,20 +10,31 @@ import json
 
 import numpy as np
 import pytest
-
-from imgcap.beam import CaptionSampler, GreedyDecoder
-from imgcap.cider import CiderD
-from imgcap.config import (ConfigError, DecodeConfig, ModelConfig, ScstConfig, TrainConfig, TrainJobConfig,
-                           config_from_dict)
-from imgcap.dataset import prepare_training_data, tokenize_corpus
-from imgcap.evaluate import evaluate_captions
-from imgcap.scst import SelfCriticalBatches
-from imgcap.text import END_ID, PAD_ID, START_ID
-from imgcap.train import (CaptionBatches, CaptionTrainer, DevEvaluator, build_model, fit, masked_token_loss,
-                          train_captioner, write_checkpoint)
-from imgcap.training_state import EpochMetrics, TrainingState, find_latest_checkpoint, training_phases
 from _imaging import SHARED
 from toy import make_toy_training, write_toy_job_files
+
+from imgcap.config.loader import ConfigError, config_from_dict
+from imgcap.config.model import DecodeConfig, ModelConfig
+from imgcap.config.training import ScstConfig, TrainConfig, TrainJobConfig
+from imgcap.data.dataset import prepare_training_data, tokenize_corpus
+from imgcap.data.text import END_ID, PAD_ID, START_ID
+from imgcap.metrics.cider import CiderD
+from imgcap.metrics.evaluate import evaluate_captions
+from imgcap.model.beam import CaptionSampler, GreedyDecoder
+from imgcap.model.decoder import build_model
+from imgcap.train.batches import CaptionBatches
+from imgcap.train.evaluation import DevEvaluator
+from imgcap.train.local import train_captioner
+from imgcap.train.loop import fit
+from imgcap.train.losses import masked_token_loss
+from imgcap.train.scst import SelfCriticalBatches
+from imgcap.train.state import (
+    EpochMetrics,
+    TrainingState,
+    find_latest_checkpoint,
+    training_phases,
+)
+from imgcap.train.trainer import CaptionTrainer, write_checkpoint
 
 REFERENCES = [
     ["a dog runs on the grass", "a brown dog is running", "the dog runs across a field"],
@@ -84,7 +95,7 @@ def test_cider_d_on_flickr8k_dev_matches_coco_caption(flickr8k_dev_references):
 
 @pytest.fixture(scope="module")
 def flickr8k_dev_references():
-    from imgcap.captions import read_captions, read_split_file
+    from imgcap.data.captions import read_captions, read_split_file
 
     flickr = SHARED / "flickr8k"
     if not (flickr / "Flickr8k.token.txt").is_file():
@@ -288,20 +299,20 @@ def toy_job(files, output_dir, **tables) -> TrainJobConfig:
 
 
 def test_train_job_runs_both_phases_and_starts_from_a_bundle(toy_job_files, tmp_path):
-    from imgcap.bundle import load_bundle
+    from imgcap.model.bundle import load_bundle
 
     scst = {"enabled": True, "epochs": 2, "samples": 3, "batch_size": 30, "learning_rate": 1e-3}
     both = train_captioner(toy_job(toy_job_files, tmp_path / "both", scst=scst), progress=False)
     assert [(h.phase, h.epoch) for h in both.history] == [("xe", 1), ("xe", 2), ("scst", 1), ("scst", 2)]
-    bundle = load_bundle(both.bundle_dir)
+    bundle = load_bundle(both.bundle_path)
     assert bundle.provenance["phases"] == ["xe", "scst"] and bundle.provenance["phase"] == "scst"
     assert all(h["train_reward"] > 0 for h in bundle.provenance["history"][2:])
 
-    xe_bundle = train_captioner(toy_job(toy_job_files, tmp_path / "xe"), progress=False).bundle_dir
+    xe_bundle = train_captioner(toy_job(toy_job_files, tmp_path / "xe"), progress=False).bundle_path
     started = train_captioner(toy_job(toy_job_files, tmp_path / "from_bundle",
                                       scst={**scst, "init_from": str(xe_bundle)}), progress=False)
     assert [h.phase for h in started.history] == ["scst", "scst"]
-    assert load_bundle(started.bundle_dir).provenance["init_from"] == str(xe_bundle)
+    assert load_bundle(started.bundle_path).provenance["init_from"] == str(xe_bundle)
     with pytest.raises(ConfigError, match=r"model.units is 32 but scst.init_from .* was trained with 64"):
         train_captioner(toy_job(toy_job_files, tmp_path / "bad", model={"units": 32},
                                 scst={**scst, "init_from": str(xe_bundle)}), progress=False)
@@ -313,7 +324,7 @@ def test_train_job_runs_both_phases_and_starts_from_a_bundle(toy_job_files, tmp_
 def test_dev_report_scores_the_bundles_own_decoding(toy_job_files, tmp_path):
     """dev_report.json holds the scores of the captions the bundle makes with its decoding (beam-3 here), not
     of the greedy captions the epochs' dev evaluation makes."""
-    from imgcap.bundle import load_bundle
+    from imgcap.model.bundle import load_bundle
 
     config = toy_job(toy_job_files, tmp_path / "beam", decode={"beam_width": 3, "length_penalty": 1.0})
     train_captioner(config, progress=False)

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from _imaging import jpeg_bytes, write_bad_inputs, write_jpegs
 
-from imgcap.sources import (
-    S3Options,
+from imgcap.io.sources import (
     SourceError,
     check_unique_ids,
     list_source,
     plan_shards,
     read_shard,
 )
+from imgcap.io.storage import S3Options
 
 NO_S3 = S3Options()
 

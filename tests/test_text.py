@@ -1,6 +1,14 @@
 import pytest
 
-from imgcap.text import END_ID, PAD_ID, RESERVED, START_ID, UNK_ID, Vocabulary, normalize
+from imgcap.data.text import (
+    END_ID,
+    PAD_ID,
+    RESERVED,
+    START_ID,
+    UNK_ID,
+    Vocabulary,
+    normalize,
+)
 
 
 def test_standard_mode_keeps_every_word_and_strips_punctuation():

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcap.captions import CaptionCorpus
-from imgcap.dataset import CaptionExamples, build_examples, tokenize_corpus
-from imgcap.feature_table import FeatureTable
-from imgcap.text import Vocabulary
+from imgcap.data.captions import CaptionCorpus
+from imgcap.data.dataset import CaptionExamples, build_examples, tokenize_corpus
+from imgcap.data.feature_table import FeatureTable
+from imgcap.data.text import Vocabulary
 
 COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
 OBJECTS = ["dog", "cat", "car", "ball", "bird"]

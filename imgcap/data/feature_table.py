@@ -1,0 +1,105 @@
+"""Image feature tables: the CNN stage's output, read by training and captioning.
+
+A feature table is one row per image: `image_id`, the `source` URI it came from, the `backbone` that made it,
+the `feature` vector (float32) and an `error` (null when the image was read and embedded). Two on-disk forms
+are read: Parquet (a file or a directory of files, as written by extraction, which records how the features
+were made next to them: see `imgcap.vision.embedder.read_embedding`) and `.npz` with `ids` and `features` arrays (the
+shared Flickr8k form).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (registers pa.compute, used below and by load_features)
+import pyarrow.parquet as pq
+
+FEATURE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("backbone", pa.string()),
+        ("feature", pa.list_(pa.float32())),
+        ("error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """Image ids, their source URIs and a [N, D] float32 feature matrix (rows with errors are dropped)."""
+
+    ids: list[str]
+    features: np.ndarray
+    sources: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.features) or len(self.ids) != len(self.sources):
+            raise ValueError("ids, sources and features must have the same length")
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def index(self) -> dict[str, int]:
+        """Row number of every image id."""
+        return {image_id: row for row, image_id in enumerate(self.ids)}
+
+    def select(self, ids: list[str]) -> "FeatureTable":
+        """The rows for `ids`, in that order; raises KeyError naming ids that have no features."""
+        where = self.index()
+        missing = [i for i in ids if i not in where]
+        if missing:
+            raise KeyError(f"{len(missing)} image id(s) have no features, e.g. {missing[:3]}")
+        rows = np.array([where[i] for i in ids], dtype=np.int64)
+        return FeatureTable(list(ids), self.features[rows], [self.sources[r] for r in rows])
+
+
+def feature_matrix(column: pa.Array | pa.ChunkedArray, dim: int = -1) -> np.ndarray:
+    """A [N, dim] float32 matrix from a list<float> column without nulls (dim -1: inferred)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+
+
+def load_features(path: str | Path) -> FeatureTable:
+    """Read a feature table from `.npz` (ids, features) or Parquet (file or directory); drops error rows."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"features not found: {path}")
+    if path.suffix == ".npz":
+        with np.load(path) as npz:
+            missing = {"ids", "features"} - set(npz.files)
+            if missing:
+                raise ValueError(f"{path}: .npz must hold arrays 'ids' and 'features'; missing {sorted(missing)}")
+            ids = [str(i) for i in npz["ids"]]
+            features = np.asarray(npz["features"], dtype=np.float32)
+        return FeatureTable(ids, features, [f"{path}#{i}" for i in ids])
+    table = pq.read_table(path, columns=["image_id", "source", "feature", "error"])
+    table = table.filter(pa.compute.is_null(table["error"]))
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no image has a feature (every row is empty or has an error)")
+    ids = table["image_id"].to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate image ids in the feature table")
+    return FeatureTable(ids, feature_matrix(table["feature"]), table["source"].to_pylist())
+
+
+def feature_rows(image_ids: list[str], sources: list[str], tag: str, features: np.ndarray,
+                 errors: list[str]) -> pa.Table:
+    """A FEATURE_SCHEMA table: `features` holds one row per image whose error is "" (in order); the other
+    rows get a null feature and their error message."""
+    ok = np.array([not e for e in errors], dtype=bool)
+    dim = features.shape[1] if features.ndim == 2 and len(features) else 0
+    offsets = np.zeros(len(image_ids) + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(ok * dim)
+    feature = pa.ListArray.from_arrays(pa.array(offsets), pa.array(features.reshape(-1), pa.float32()),
+                                       type=pa.list_(pa.float32()), mask=pa.array(~ok))
+    return pa.Table.from_arrays(
+        [pa.array(image_ids, pa.string()), pa.array(sources, pa.string()), pa.array([tag] * len(image_ids),
+         pa.string()), feature, pa.array([e or None for e in errors], pa.string())],
+        schema=FEATURE_SCHEMA,
+    )

@@ -1,0 +1,175 @@
+"""Model bundles: everything needed to caption identically anywhere.
+
+A bundle is a directory with
+
+- ``bundle.json``: format version, text / decoding config, feature dimension, the embedding that made the
+  training features (`imgcap.vision.embedder.EmbeddingSpec`: backbone, pooling, resize, resample, JPEG draft, so
+  new photos are embedded exactly as those features were), one entry per model (its `ModelConfig` and
+  weights file) and the provenance: the training config and metrics that produced each model;
+- ``vocab.json``: the vocabulary (words in id order and the text mode);
+- ``model-<k>.weights.h5``: the weights of model k.
+
+A bundle of one model captions with that model; a bundle of several (made by `combine_bundles` from
+bundles trained on the same vocabulary) captions with their `CaptionEnsemble`. Loading rebuilds every model
+from its recorded config and loads its weights, so a loaded bundle captions exactly as the saved one did.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from imgcap.config.loader import config_from_dict, config_to_dict
+from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
+from imgcap.data.text import Vocabulary
+from imgcap.io.storage import S3Options, filesystem_for
+from imgcap.model.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
+from imgcap.model.decoder import CaptionEnsemble, CaptionModel
+from imgcap.vision.spec import EmbeddingSpec
+
+BUNDLE_FORMAT = "imgcap-bundle/1"
+BUNDLE_DIR = "bundle"  # the bundle's folder in a training job's output_dir
+_META, _VOCAB = "bundle.json", "vocab.json"
+
+
+@dataclass
+class CaptionBundle:
+    """A trained caption decoder with its vocabulary and the configs that made it."""
+
+    model: CaptionModel | CaptionEnsemble
+    vocab: Vocabulary
+    text: TextConfig
+    decode: DecodeConfig
+    embedding: EmbeddingSpec | None = None  # how the features this decoder was trained on were made
+    provenance: dict[str, Any] = field(default_factory=dict)  # training config and metrics (per member)
+    fingerprint: str = ""  # sha256 of the saved files (set by save/load): names this exact bundle in outputs
+    _decoders: dict[DecodeConfig, GreedyDecoder | BeamSearchDecoder] = field(default_factory=dict, repr=False)
+
+    @property
+    def backbone(self) -> str:
+        """The backbone tag of the training features ("" when unknown)."""
+        return self.embedding.tag if self.embedding else ""
+
+    def decoder(self, decode: DecodeConfig | None = None) -> GreedyDecoder | BeamSearchDecoder:
+        """The decoder for `decode` (default: the bundle's), built once so its graph is traced once."""
+        decode = decode or self.decode
+        if decode not in self._decoders:
+            self._decoders[decode] = make_decoder(self.model, decode)
+        return self._decoders[decode]
+
+    def caption(self, features: np.ndarray, decode: DecodeConfig | None = None) -> list[list[str]]:
+        """Captions (as words) for a [N, D] feature matrix, with the bundle's or the given decoding."""
+        return [self.vocab.decode(ids) for ids in self.decoder(decode).decode(features).tokens]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the bundle into `directory` (created if needed) and return it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        models = [{"config": config_to_dict(m.config), "weights": f"model-{k}.weights.h5"}
+                  for k, m in enumerate(self.members)]
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "models": models,
+            "text": config_to_dict(self.text),
+            "decode": config_to_dict(self.decode),
+            "vocab_size": len(self.vocab),
+            "feature_dim": self.model.feature_dim,
+            "backbone": self.backbone,
+            "embedding": self.embedding.to_dict() if self.embedding else None,
+            "provenance": self.provenance,
+        }
+        for model, entry in zip(self.members, models):
+            model.save_weights(directory / entry["weights"])
+        self.vocab.save(directory / _VOCAB)
+        (directory / _META).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        self.fingerprint = bundle_fingerprint(directory, [_META, _VOCAB, *(m["weights"] for m in models)])
+        return directory
+
+    @property
+    def members(self) -> list[CaptionModel]:
+        """The models of the bundle (one, or the members of its ensemble)."""
+        return self.model.members if isinstance(self.model, CaptionEnsemble) else [self.model]
+
+
+def load_bundle(bundle_path: str | Path, s3: S3Options | None = None) -> CaptionBundle:
+    """Load a bundle written by `CaptionBundle.save`, from a directory or a URI (``s3://...``, fetched once
+    per process with `s3`'s options); errors name the missing or mismatching part."""
+    directory = fetch_bundle(str(bundle_path), s3 or S3Options()) if "://" in str(bundle_path) else Path(bundle_path)
+    for name in (_META, _VOCAB):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a model bundle: {name} is missing")
+    meta = json.loads((directory / _META).read_text(encoding="utf-8"))
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{directory}: unsupported bundle format {meta.get('format')!r}, expected {BUNDLE_FORMAT}")
+    vocab = Vocabulary.load(directory / _VOCAB)
+    if len(vocab) != meta["vocab_size"]:
+        raise ValueError(f"{directory}: vocab.json has {len(vocab)} words but the model was built for "
+                         f"{meta['vocab_size']}")
+    members = []
+    for entry in meta["models"]:
+        if not (directory / entry["weights"]).is_file():
+            raise FileNotFoundError(f"{directory} is not a complete bundle: {entry['weights']} is missing")
+        model = CaptionModel(config_from_dict(ModelConfig, entry["config"]), len(vocab), meta["feature_dim"])
+        model.load_weights(directory / entry["weights"])
+        members.append(model)
+    model = members[0] if len(members) == 1 else CaptionEnsemble(members)
+    # Bundles written before the embedding was recorded name only the backbone; their features were made
+    # with the extraction defaults, which is what from_tag assumes.
+    embedding = (EmbeddingSpec.from_dict(meta["embedding"]) if meta.get("embedding")
+                 else EmbeddingSpec.from_tag(meta["backbone"]) if meta.get("backbone") else None)
+    files = [_META, _VOCAB, *(entry["weights"] for entry in meta["models"])]
+    return CaptionBundle(model, vocab, config_from_dict(TextConfig, meta["text"]),
+                         config_from_dict(DecodeConfig, meta["decode"]), embedding, meta.get("provenance", {}),
+                         bundle_fingerprint(directory, files))
+
+
+@functools.lru_cache(maxsize=8)
+def fetch_bundle(bundle_path: str, s3: S3Options) -> Path:
+    """A local copy of the bundle at a URI (every caption actor of a cluster job fetches its own, so the bundle
+    needs no shared filesystem); kept for the life of the process."""
+    filesystem, path = filesystem_for(bundle_path, s3)
+    if filesystem.get_file_info(f"{path}/{_META}").type != pafs.FileType.File:
+        raise FileNotFoundError(f"{bundle_path} is not a model bundle: {_META} is missing")
+    local = Path(tempfile.mkdtemp(prefix="imgcap-bundle-"))
+    pafs.copy_files(path, str(local), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def bundle_fingerprint(directory: Path, files: list[str]) -> str:
+    """``sha256:<16 hex>`` of a bundle's files: the same bundle anywhere (copied, uploaded with a job's working
+    dir) has the same fingerprint, so resumed outputs can tell it from another model."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode("utf-8"))
+        digest.update((directory / name).read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def combine_bundles(bundles: list[CaptionBundle], decode: DecodeConfig | None = None) -> CaptionBundle:
+    """One bundle that captions with the ensemble of `bundles`' models.
+
+    The bundles must share the vocabulary, text normalisation and embedding (bundles trained on the same
+    data and text config do); their models may differ (e.g. merge and inject). Decoding defaults to the
+    first bundle's. The provenance keeps each member's.
+    """
+    if not bundles:
+        raise ValueError("nothing to combine: no bundles given")
+    first = bundles[0]
+    for k, other in enumerate(bundles[1:], 1):
+        if other.vocab != first.vocab:
+            raise ValueError(f"bundle {k} has another vocabulary than bundle 0: train both on the same data "
+                             "and text config")
+        if (other.text, other.embedding) != (first.text, first.embedding):
+            raise ValueError(f"bundle {k} differs from bundle 0 in text config or embedding (backbone, imaging)")
+    members = [m for b in bundles for m in b.members]
+    provenance = {"members": [b.provenance for b in bundles]}
+    return CaptionBundle(CaptionEnsemble(members), first.vocab, first.text, decode or first.decode, first.embedding,
+                         provenance)

@@ -1,0 +1,139 @@
+"""The caption decoder: an LSTM language model conditioned on an image feature vector (Keras 3).
+
+Two ways to put the image in (Tanti et al., "Where to put the image in an image caption generator"):
+
+- ``merge``: the LSTM reads words only; its output at each step is added to a projection of the image and a
+  small MLP predicts the next word. The image never enters the recurrent state.
+- ``inject`` (their "init"): the image projection is the LSTM's initial state; the LSTM output alone
+  predicts the next word.
+
+The same layers serve teacher-forced training over whole captions (`call`) and incremental decoding one token
+at a time with the LSTM state carried between steps (`initial_state` + `step`), so decoding never re-runs a
+prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from imgcap.config.model import ModelConfig
+from imgcap.data.glove import glove_embedding_matrix
+from imgcap.data.text import Vocabulary
+
+log = logging.getLogger(__name__)
+
+DecoderState = tuple[tf.Tensor, tf.Tensor, tf.Tensor]  # (image context, LSTM h, LSTM c)
+
+
+class CaptionModel(keras.Model):
+    """Merge or inject caption decoder; outputs next-word logits (not probabilities)."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int, feature_dim: int,
+                 embedding_matrix: np.ndarray | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.config, self.vocab_size, self.feature_dim = config, vocab_size, feature_dim
+        self.image_dropout = layers.Dropout(config.dropout)
+        embedding_kwargs = {}
+        if embedding_matrix is not None:
+            embedding_kwargs["embeddings_initializer"] = keras.initializers.Constant(embedding_matrix)
+        self.embedding = layers.Embedding(vocab_size, config.embedding_dim, name="embedding",
+                                          trainable=config.glove_trainable or embedding_matrix is None,
+                                          **embedding_kwargs)
+        self.embedding_dropout = layers.Dropout(config.embedding_dropout)
+        self.lstm = layers.LSTM(config.units, return_sequences=True, return_state=True, name="lstm")
+        self.output_dropout = layers.Dropout(config.dropout)
+        if config.architecture == "merge":
+            self.image_projection = layers.Dense(config.units, activation="relu", name="image_projection")
+            self.hidden = layers.Dense(config.units, activation="relu", name="merge_hidden")
+        else:
+            self.image_projection = layers.Dense(2 * config.units, activation="tanh", name="image_projection")
+        self.classifier = layers.Dense(vocab_size, name="classifier")
+        # Build every weight now so a fresh model and a loaded bundle have identical variables.
+        self((tf.zeros((1, feature_dim)), tf.zeros((1, 1), tf.int32)))
+
+    def _image_state(self, features: tf.Tensor, training: bool) -> DecoderState:
+        projected = self.image_projection(self.image_dropout(features, training=training))
+        batch = tf.shape(features)[0]
+        if self.config.architecture == "merge":
+            zeros = tf.zeros((batch, self.config.units), dtype=projected.dtype)
+            return projected, zeros, zeros
+        h, c = tf.split(projected, 2, axis=-1)
+        return tf.zeros((batch, 0), dtype=projected.dtype), h, c
+
+    def _hidden(self, context: tf.Tensor, lstm_out: tf.Tensor, training: bool) -> tf.Tensor:
+        x = self.output_dropout(lstm_out, training=training)
+        if self.config.architecture == "merge":
+            if lstm_out.shape.rank == 3:
+                context = context[:, None, :]
+            x = self.hidden(x + context)
+        return x
+
+    def _predict(self, context: tf.Tensor, lstm_out: tf.Tensor, training: bool) -> tf.Tensor:
+        return self.classifier(self._hidden(context, lstm_out, training))
+
+    def hidden_states(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Teacher forcing up to the classifier: (features [B, D], tokens [B, T]) -> [B, T, H].
+
+        `call` is `classifier(hidden_states(...))`; a sampled-softmax loss (imgcap.train.loop) takes these and the
+        classifier's weights instead of the logits over the whole vocabulary.
+        """
+        features, tokens = inputs
+        context, h, c = self._image_state(features, training)
+        embedded = self.embedding_dropout(self.embedding(tokens), training=training)
+        outputs, _, _ = self.lstm(embedded, initial_state=[h, c], training=training)
+        return self._hidden(context, outputs, training)
+
+    def call(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
+        """Teacher forcing: (features [B, D], tokens [B, T]) -> logits [B, T, V]."""
+        return self.classifier(self.hidden_states(inputs, training))
+
+    def initial_state(self, features: tf.Tensor) -> DecoderState:
+        """Decoding state before the first token, for a batch of image features."""
+        return self._image_state(features, training=False)
+
+    def step(self, tokens: tf.Tensor, state: DecoderState) -> tuple[tf.Tensor, DecoderState]:
+        """One decoding step: previous tokens [B] and state -> next-word logits [B, V] and the new state."""
+        context, h, c = state
+        out, (h, c) = self.lstm.cell(self.embedding(tokens), [h, c], training=False)
+        return self._predict(context, out, training=False), (context, h, c)
+
+
+class CaptionEnsemble:
+    """Several caption decoders over the same vocabulary and features, decoded as one.
+
+    Each step averages the members' next-word log-probabilities (a product of experts: the ensemble likes a
+    word only if every member does); the state is the tuple of the members' states. It has the decoding
+    interface of `CaptionModel`, so the greedy and beam decoders take it as they are.
+    """
+
+    def __init__(self, members: list[CaptionModel]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        shapes = {(m.vocab_size, m.feature_dim) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble members disagree on (vocabulary size, feature dim): {sorted(shapes)}")
+        self.members = list(members)
+        self.vocab_size, self.feature_dim = members[0].vocab_size, members[0].feature_dim
+
+    def initial_state(self, features: tf.Tensor) -> tuple[DecoderState, ...]:
+        return tuple(m.initial_state(features) for m in self.members)
+
+    def step(self, tokens: tf.Tensor, state: tuple[DecoderState, ...]) -> tuple[tf.Tensor, tuple[DecoderState, ...]]:
+        outputs = [m.step(tokens, s) for m, s in zip(self.members, state)]
+        log_probs = tf.add_n([tf.nn.log_softmax(logits) for logits, _ in outputs]) / len(outputs)
+        return log_probs, tuple(s for _, s in outputs)
+
+
+def build_model(config: ModelConfig, vocab: Vocabulary, feature_dim: int, seed: int = 0) -> CaptionModel:
+    """A fresh `CaptionModel`, its embedding initialised from GloVe when `config.glove_path` is set."""
+    keras.utils.set_random_seed(seed)
+    matrix = None
+    if config.glove_path:
+        matrix, covered = glove_embedding_matrix(config.glove_path, vocab, config.embedding_dim, seed)
+        log.info("GloVe covers %d of %d vocabulary words", covered, len(vocab))
+    return CaptionModel(config, len(vocab), feature_dim, embedding_matrix=matrix)
