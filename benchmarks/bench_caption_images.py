@@ -71,7 +71,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-from _synthetic import synthetic_jpegs  # noqa: E402  (benchmarks/ is the script directory)
+
+from imgcap.testing.fixtures import synthetic_jpegs, untrained_bundle  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 FLICKR = SHARED / "flickr8k"
@@ -138,21 +139,6 @@ def train_bundle(directory: Path, train_images: int) -> tuple[str, float]:
     started = time.perf_counter()
     bundle_path = train_captioner(config, progress=False).bundle_path
     return str(bundle_path), time.perf_counter() - started
-
-
-def thumbnail_bundle(directory: Path) -> str:
-    """A real (untrained) small merge decoder over `thumbnail` features (as tests/test_caption_images.py)."""
-    from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
-    from imgcap.data.text import Vocabulary
-    from imgcap.model.bundle import CaptionBundle
-    from imgcap.model.decoder import build_model
-    from imgcap.vision.spec import EmbeddingSpec
-
-    vocab = Vocabulary.build([["a", "red", "dog"], ["a", "blue", "cat"]], 1, "standard")
-    model = build_model(ModelConfig(embedding_dim=16, units=16), vocab, 768, seed=0)
-    bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6),
-                           EmbeddingSpec("thumbnail"))
-    return str(bundle.save(directory))
 
 
 # ---------------------------------------------------------------------------------------- in-process rows
@@ -780,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_sizes:
             del features, decoded, embedder
             gc.collect()
-            tiny = thumbnail_bundle(root / "tiny_bundle")
+            tiny = untrained_bundle(root / "tiny_bundle")
             for count in args.memory_sizes:
                 archive = root / f"syn{count}.tar"
                 size = synthetic_archive(archive, count)

@@ -29,7 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from _synthetic import synthetic_jpegs  # noqa: E402  (benchmarks/ is the script directory)
+
+from imgcap.testing.fixtures import synthetic_jpegs  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 IMAGES = SHARED / "flickr8k" / "Images"

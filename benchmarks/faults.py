@@ -37,15 +37,6 @@ from typing import Any, Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the flaky S3 proxy and the fault harness are the tests' own
-
-from fault_harness import (  # noqa: E402
-    armed,
-    output_ids,
-    remove_node_on_marker,
-    run_killed,
-    three_node_cluster,
-)
 
 from imgcap.batch.caption import run_caption_job  # noqa: E402
 from imgcap.batch.extract import extract_features  # noqa: E402
@@ -60,6 +51,13 @@ from imgcap.data.synthetic import make_shapes_dataset  # noqa: E402
 from imgcap.io.outputs import OutputDirectory  # noqa: E402
 from imgcap.io.storage import S3Options  # noqa: E402
 from imgcap.runtime.fault_injection import FAULTS_ENV  # noqa: E402
+from imgcap.testing.fault_harness import (  # noqa: E402
+    armed,
+    output_ids,
+    remove_node_on_marker,
+    run_killed,
+    three_node_cluster,
+)
 from imgcap.testing.fixtures import untrained_bundle  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -193,8 +191,9 @@ def caption_scenarios(root: Path, images: Path, expected: int, faults: Faults, b
 
 def s3_scenario(root: Path, images: Path, expected: int) -> list[Row]:
     import boto3
-    from flaky_s3 import FlakyS3Proxy
     from moto.server import ThreadedMotoServer
+
+    from imgcap.testing.flaky_s3 import FlakyS3Proxy
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

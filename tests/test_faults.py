@@ -19,14 +19,6 @@ import boto3
 import pytest
 from _imaging import jpeg_bytes, write_jpegs
 from conftest import FAULTS_FILE, TEST_WORKER_ENV, start_local_ray
-from fault_harness import (
-    armed,
-    output_ids,
-    remove_node_on_marker,
-    run_killed,
-    three_node_cluster,
-)
-from flaky_s3 import FlakyS3Proxy
 from toy import write_toy_job_files
 
 from imgcap.batch.caption import run_caption_job
@@ -41,7 +33,15 @@ from imgcap.config.jobs import (
 from imgcap.io.outputs import INCOMPLETE_DIR, OutputDirectory
 from imgcap.io.sources import SourceError
 from imgcap.io.storage import S3Options
+from imgcap.testing.fault_harness import (
+    armed,
+    output_ids,
+    remove_node_on_marker,
+    run_killed,
+    three_node_cluster,
+)
 from imgcap.testing.fixtures import untrained_bundle
+from imgcap.testing.flaky_s3 import FlakyS3Proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,8 @@ def test_killed_actors_and_a_failed_read_task_lose_nothing(ray_local, tmp_path):
     assert (extracted.ok, extracted.failed, extracted.missing) == (48, 0, 0)
     assert_exactly_once(output_ids(str(tmp_path / "features")), expected)
     assert extracted.recovery is not None and sum(extracted.recovery.actor_restarts.values()) >= 1
-    assert sum(extracted.recovery.task_retries.values()) >= 2  # the read task and the CNN batch of the dead actor
+    assert sum(extracted.recovery.task_retries.values()) >= 1  # the CNN batch of the dead actor (the failed
+    # read is read again inside its task: imgcap.batch.reading.shard_rows)
     assert "recovered:" in extracted.format()
 
     # the caption job over those features: a caption-decoding actor dies on its 2nd batch

@@ -20,7 +20,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_tensorflow_is_imported_without_cpu_banners():
     plain = run_python("import os; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'; import tensorflow as tf; "
                        "tf.config.list_physical_devices('GPU')")
-    quiet = run_python("from imgcap.runtime.cluster import import_tensorflow; tf = import_tensorflow(); print(tf.__version__)")
+    quiet = run_python("from imgcap.runtime.logs import import_tensorflow; tf = import_tensorflow(); print(tf.__version__)")
     assert quiet.returncode == 0 and quiet.stdout.strip()
     assert not [b for b in BANNERS if b in quiet.stderr], quiet.stderr
     # What the filter is for: on a machine without CUDA the plain import prints them despite the log level.

@@ -42,6 +42,7 @@ from imgcap.batch.caption_outputs import (
     write_report,
 )
 from imgcap.batch.extract import FeatureExtractor
+from imgcap.batch.html_report import render_contact_sheet, select_rows
 from imgcap.batch.reading import pixels_dataset
 from imgcap.config.jobs import CaptionJobConfig
 from imgcap.config.loader import ConfigError
@@ -77,7 +78,6 @@ class BundleCaptioner:
     """Ray Data actor: loads a bundle once, then captions batches of feature rows with one compiled decoding
     graph per batch. The bundle module (and TensorFlow) is imported here, not at module level, so a Ray worker
     unpickling this class does not pay TensorFlow's import before `quiet_tensorflow`."""
-
     def __init__(self, bundle_path: str, decode: DecodeConfig, s3: S3Options) -> None:
         from imgcap.runtime.logs import import_tensorflow
 
@@ -116,7 +116,6 @@ class BundleCaptioner:
 class ImageCaptioner:
     """Ray Data actor of the images path: the bundle's CNN and its decoder in one process, loaded once;
     `pixels_batch` rows -> caption rows."""
-
     def __init__(self, bundle_path: str, decode: DecodeConfig, s3: S3Options, weights: str | None) -> None:
         self.captioner = BundleCaptioner(bundle_path, decode, s3)
         self.embedder = FeatureExtractor(self.captioner.bundle.embedding, weights, on_ray=True)
@@ -128,7 +127,6 @@ class ImageCaptioner:
 @dataclass(frozen=True)
 class CaptionJobResult:
     """What a captioning run did, where it wrote, and its scores when references were given."""
-
     output_dir: str
     listed: int  # input images (after the split filter)
     skipped: int  # already captioned by an earlier run into the same output
@@ -288,8 +286,6 @@ def write_contact_sheet(config: CaptionJobConfig, captions_out: OutputDirectory,
                         scored: pa.Table | None, report: EvaluationReport | None, s3: S3Options) -> str:
     """Write ``report.html`` next to the captions: every row up to `html_max_rows` (the best and worst halves
     by BLEU-4 beyond that), thumbnails embedded; returns its URI."""
-    from imgcap.batch.html_report import render_contact_sheet, select_rows
-
     rows = table.select(["image_id", "source", "caption", "error"])
     if scored is not None and scored.num_rows:
         # Acero's join cannot carry list columns (the references), so the report rows are matched by index.

@@ -33,6 +33,7 @@ from imgcap.config.loader import (
 )
 from imgcap.config.training import TrainJobConfig
 from imgcap.data.synthetic import demo_dataset_paths, make_shapes_dataset
+from imgcap.io.storage import S3Options
 from imgcap.model.bundle import BUNDLE_DIR
 from imgcap.train.ray_job import DistributedTrainResult, train_on_ray
 

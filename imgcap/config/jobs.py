@@ -7,13 +7,13 @@ from typing import Literal
 
 from imgcap.config.loader import CaptionFormat, IdFrom, require
 from imgcap.config.model import DecodeConfig
+from imgcap.vision.backbones import BACKBONES
 
 
 @dataclass(frozen=True)
 class ActorPoolConfig:
     """A Ray Data actor pool: `actors` at start, growing to `max_actors` (0: fixed) while work waits. The job
     tables that run a pool inherit these four keys (`ExtractConfig`, `CnnConfig`, `CaptionJobConfig`)."""
-
     actors: int = 1
     max_actors: int = 0  # > actors: the pool autoscales between actors and max_actors
     cpus_per_actor: float = 1.0
@@ -44,7 +44,6 @@ def check_image_input(extensions: list[str], max_pixels: int, shard_size: int, r
 @dataclass(frozen=True)
 class SourceConfig:
     """One image source: a directory, list file, archive or s3:// URI (see imgcap.io.sources)."""
-
     path: str
     recursive: bool = True  # directories and S3 prefixes: descend into subdirectories
     include_archives: bool = False  # directories and S3 prefixes: also read the archives found in them
@@ -56,7 +55,6 @@ class SourceConfig:
 @dataclass(frozen=True)
 class S3Config:
     """S3 access; unset keys fall back to boto3's usual sources (AWS_* env, ~/.aws, instance role)."""
-
     endpoint_url: str | None = None  # S3-compatible stores (MinIO, Ceph); AWS_ENDPOINT_URL also works
     region: str | None = None
     profile: str | None = None  # a profile of ~/.aws/config; AWS_PROFILE also works
@@ -72,7 +70,6 @@ class S3Config:
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig(ActorPoolConfig):
     """Config of jobs/extract_features.py: images -> CNN features in Parquet (see imgcap.batch.extract)."""
-
     sources: list[SourceConfig]
     output_dir: str = "runs/features"  # Parquet directory or URI (s3://...); a rerun skips images already there
     backbone: str = "mobilenet_v2"  # one of imgcap.vision.backbones.BACKBONES
@@ -94,7 +91,6 @@ class ExtractConfig(ActorPoolConfig):
     def __post_init__(self) -> None:
         require(len(self.sources) > 0, "sources must list at least one source, e.g. sources = [{path = \"images\"}]")
         require(bool(self.output_dir), "output_dir is required")
-        from imgcap.vision.backbones import BACKBONES  # light: no TensorFlow import
 
         require(self.backbone in BACKBONES,
                f"backbone must be one of {', '.join(sorted(BACKBONES))}; got {self.backbone!r}")
@@ -110,7 +106,6 @@ class CnnConfig(ActorPoolConfig):
     """The captioner actors of the images -> captions job (each holds the CNN and the caption decoder): the
     CNN's weights and the pool (backbone, pooling and imaging come from the bundle, so photos are embedded as
     its training features were)."""
-
     weights: Literal["imagenet", "none"] = "imagenet"
     weights_file: str | None = None  # a local Keras weights file; overrides `weights`
     batch_size: int = 32  # images per CNN forward pass (and caption-decoding call)
@@ -126,7 +121,6 @@ class CnnConfig(ActorPoolConfig):
 class CaptionJobConfig(ActorPoolConfig):
     """Config of jobs/caption.py: images (or a features table) -> captions in Parquet, plus BLEU reports and an
     HTML contact sheet where references exist (see imgcap.batch.caption)."""
-
     bundle: str  # a model bundle: a directory every node sees, or a URI (s3://...) each actor fetches
     sources: list[SourceConfig] = field(default_factory=list)  # images, exactly as extraction takes them
     features: str = ""  # or: Parquet file/directory/URI written by extraction, or a .npz with ids and features

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow.fs as pafs
+
 from imgcap.io.storage import (
     S3Options,
     StorageError,
@@ -88,7 +90,6 @@ class ImageRef:
     `member` names the archive member; `offset`/`size` give a byte range inside `location` (uncompressed tar
     members) and are None for a whole file.
     """
-
     image_id: str
     source: str
     location: str
@@ -101,7 +102,6 @@ class ImageRef:
 @dataclass(frozen=True)
 class RawImage:
     """The bytes read for one image, or None and an error message saying why they could not be read."""
-
     image_id: str
     source: str
     data: bytes | None
@@ -192,7 +192,6 @@ def _list_directory(root: Path, recursive: bool, extensions: Sequence[str], incl
 
 def _list_s3_prefix(uri: str, recursive: bool, extensions: Sequence[str], include_archives: bool,
                     id_from: str, options: S3Options) -> Iterator[ImageRef]:
-    import pyarrow.fs as pafs
 
     filesystem, root = filesystem_for(uri, options)
     bucket = root.split("/", 1)[0]

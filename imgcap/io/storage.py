@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+
 T = TypeVar("T")
 
 
@@ -21,7 +24,6 @@ class StorageError(ValueError):
 @dataclass(frozen=True)
 class S3Options:
     """How to reach S3; every field None/False means the AWS SDK's defaults (env, profile, instance role)."""
-
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
@@ -52,8 +54,6 @@ def _s3_filesystem(options: S3Options) -> Any:
     or AWS_ENDPOINT_URL(_S3), a profile's credentials are resolved through boto3, and otherwise the AWS SDK's
     default chain runs on every node (env, instance role).
     """
-    import pyarrow.fs as pafs
-
     endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kwargs: dict[str, Any] = {"anonymous": options.anonymous,
                               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts)}
@@ -75,8 +75,6 @@ def _s3_filesystem(options: S3Options) -> Any:
 def filesystem_for(uri: str, options: S3Options) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) of a local path or a URI, for reading sources and for writing and
     resuming outputs: `s3://` with `options` applied, other URIs as pyarrow knows them (`gs://`, `hdfs://`)."""
-    import pyarrow.fs as pafs
-
     if uri.startswith("s3://"):
         split_s3_uri(uri)  # a clear error for a URI without a bucket
         return _s3_filesystem(options), uri[len("s3://"):].rstrip("/")
@@ -88,7 +86,6 @@ def filesystem_for(uri: str, options: S3Options) -> tuple[Any, str]:
 class _RandomAccessFile(io.RawIOBase):
     """A pyarrow random-access file under the `io` contract that `zipfile` relies on: pyarrow reports a seek
     before the start as ArrowInvalid, where zipfile expects OSError (it probes short files that way)."""
-
     def __init__(self, native: Any) -> None:
         super().__init__()
         self._native = native
@@ -100,7 +97,6 @@ class _RandomAccessFile(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        import pyarrow as pa
 
         try:
             return self._native.seek(offset, whence)

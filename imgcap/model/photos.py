@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from imgcap.config.model import DecodeConfig
 from imgcap.runtime.logs import import_tensorflow
+from imgcap.vision.imaging import ImageError, load_pixels
 
 if TYPE_CHECKING:
     pass
@@ -17,7 +19,6 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class PhotoCaption:
     """The caption of one photo file, or why it has none."""
-
     path: str
     caption: str | None
     error: str | None = None
@@ -28,12 +29,9 @@ def caption_photos(bundle_path: str, photos: list[str], weights: str | None = "i
     """Caption a few photo files in this process, with the same stages as the job: pixels and CNN as the
     bundle records (`EmbeddingSpec`), then the bundle's decoder. For bulk work use the Ray job.
     `weights` are the backbone's: "imagenet", a weights file, or None."""
-    from pathlib import Path
-
     import_tensorflow()
     from imgcap.model.bundle import load_bundle
     from imgcap.vision.embedder import CnnEmbedder
-    from imgcap.vision.imaging import ImageError, load_pixels
 
     bundle = load_bundle(bundle_path)
     if bundle.embedding is None:

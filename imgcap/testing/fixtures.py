@@ -1,8 +1,15 @@
-"""Fixtures shared by the tests and the benchmarks: an untrained bundle, synthetic JPEGs."""
+"""Fixtures shared by the tests and the benchmarks: an untrained bundle, synthetic JPEGs.
+
+`untrained_bundle` imports TensorFlow-backed modules inside the function on purpose: importing the fixtures
+must not load TensorFlow in a benchmark driver that never builds a model."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 
 def untrained_bundle(directory: str | Path) -> str:
@@ -20,3 +27,15 @@ def untrained_bundle(directory: str | Path) -> str:
     bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6),
                            EmbeddingSpec("thumbnail"))
     return str(bundle.save(directory))
+
+
+def synthetic_jpegs(distinct: int = 200, size: tuple[int, int] = (320, 240)) -> list[bytes]:
+    """`distinct` different smooth pictures of `size` (width, height) as JPEG bytes, always the same ones."""
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(distinct):
+        base = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(base).resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=85)
+        encoded.append(buffer.getvalue())
+    return encoded

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from imgcap.config.loader import ConfigError
 from imgcap.config.training import TrainJobConfig
 from imgcap.io.storage import S3Options, filesystem_for
@@ -29,7 +31,6 @@ def resolve_storage(location: str, endpoint_url: str | None = None) -> tuple[Any
 
 
 def path_exists(filesystem: Any, path: str, kind: str = "any") -> bool:
-    import pyarrow.fs as pafs
 
     found = filesystem.get_file_info(path).type
     if kind == "file":
@@ -42,7 +43,6 @@ def path_exists(filesystem: Any, path: str, kind: str = "any") -> bool:
 @dataclass(frozen=True)
 class RunLocation:
     """Where the job's Ray Train run lives: its storage (a pyarrow filesystem and a path on it) and name."""
-
     filesystem: Any  # pyarrow.fs.FileSystem
     storage_path: str  # on `filesystem`: a local absolute path, or a URI without its scheme (bucket/prefix)
     name: str

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from imgcap.config.training import TrainConfig, TrainJobConfig
 from imgcap.io.storage import S3Options, filesystem_for
 
@@ -28,7 +30,6 @@ PHASES = ("xe", "scst")  # in the order they run
 @dataclass
 class EpochMetrics:
     """What one epoch did; reported to the console, to Ray Train and into the bundle's provenance."""
-
     phase: str
     epoch: int  # 1-based, within the phase
     train_loss: float  # cross-entropy; in self-critical training the policy-gradient loss
@@ -76,7 +77,6 @@ def describe_best(best: EpochMetrics) -> str:
 @dataclass(frozen=True)
 class Phase:
     """One phase of a run: its name, its optimisation settings and whether its steps apply dropout."""
-
     name: str  # "xe" or "scst"
     config: TrainConfig
     dropout: bool = True  # False: the steps' forward pass runs without dropout (scst.dropout = false)
@@ -96,7 +96,6 @@ def training_phases(job: TrainJobConfig) -> list[Phase]:
 @dataclass
 class TrainingState:
     """Where a run is: its phase, epochs done in the phase, the phase's best epoch, and every epoch's metrics."""
-
     phase: str
     epoch: int = 0  # epochs finished in this phase
     best_epoch: int = 0  # the phase's epoch with the best dev score (0: none yet)
@@ -158,7 +157,6 @@ def read_text(filesystem: Any, path: str) -> str:
 
 
 def _find_latest(filesystem: Any, root: str) -> str | None:
-    import pyarrow.fs as pafs
 
     if filesystem.get_file_info(f"{root}/{CHECKPOINT_META}").type == pafs.FileType.File:
         return root

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imgcap.runtime.logs import import_tensorflow
+from imgcap.vision.backbones import build_backbone, get_backbone
 from imgcap.vision.spec import EmbeddingSpec
 
 
@@ -29,12 +31,9 @@ class CnnEmbedder:
     On Ray (`on_ray`) it checks that a GPU Ray assigned is one TensorFlow sees; on any GPU it turns on memory
     growth, so TensorFlow does not reserve the whole card.
     """
-
     def __init__(self, spec: EmbeddingSpec, weights: str | None, on_ray: bool = False) -> None:
-        from imgcap.runtime.logs import import_tensorflow
 
         tf = import_tensorflow()  # before anything imports TensorFlow in this process: no CPU banners
-        from imgcap.vision.backbones import build_backbone, get_backbone
 
         gpus = tf.config.list_physical_devices("GPU")
         if on_ray:

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgcap.vision.backbones import get_backbone
 from imgcap.vision.imaging import ImagingOptions
 
 if TYPE_CHECKING:
@@ -19,7 +20,6 @@ EMBEDDING_FILE = "_embedding.json"  # next to extraction's Parquet files; reader
 @dataclass(frozen=True)
 class EmbeddingSpec:
     """How a photo becomes a feature: backbone + pooling + the imaging options (see imgcap.vision.imaging)."""
-
     backbone: str
     pooling: str = "default"
     resize: str = "stretch"
@@ -41,8 +41,6 @@ class EmbeddingSpec:
     def imaging(self, max_pixels: int = ImagingOptions.max_pixels) -> ImagingOptions:
         """The imaging options for this backbone's input size (`max_pixels` is a safety cap, not a choice
         that changes features, so it is the job's and not recorded)."""
-        from imgcap.vision.backbones import get_backbone
-
         return ImagingOptions(get_backbone(self.backbone).input_size, self.resize,  # type: ignore[arg-type]
                               self.resample, max_pixels, self.jpeg_draft)
 
