@@ -209,7 +209,7 @@ def time_training_epoch(data, model_config, train_config, warmup_steps: int):
     from imgcap.train.evaluation import DevEvaluator
     from imgcap.train.trainer import CaptionTrainer
 
-    model = build_model(model_config, data.vocab, data.features.dim, train_config.seed)
+    model = build_model(model_config, data.vocab, data.features.dim, train_config.seed, data.regions)
     trainer = CaptionTrainer(model, train_config)
     rng = np.random.default_rng(train_config.seed)
     features = data.features.features

@@ -63,7 +63,7 @@ def run_single_process(config: TrainJobConfig) -> dict[str, dict]:
     from imgcap.train.trainer import CaptionTrainer
 
     data = prepare_training_data(config.data, config.text)
-    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
+    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed, data.regions)
     evaluator = dev_evaluator(config, data, model)
     phases = training_phases(config)
     state, rows = TrainingState(phases[0].name), {}

@@ -11,7 +11,7 @@ this run (the machine may be shared: compare the two seconds columns of a row, n
 - images -> captions (a real, untrained decoder over thumbnail features: what is measured is the rows):
   the captioner actor killed on its 3rd batch; the driver SIGKILLed when half of the output files exist,
   then the same command rerun (seconds = killed run + rerun);
-- extraction from S3 (moto's server on 127.0.0.1) through tests/flaky_s3.py, a proxy failing one request in 10
+- extraction from S3 (moto's server on 127.0.0.1) through imgcap/testing/flaky_s3.py, a proxy failing one request in 10
   with 500 / 503 SlowDown / 503 (versus the same bucket without the proxy);
 - multi-node (`ray.cluster_utils.Cluster`, a head and two 2-CPU worker nodes): a worker node removed without
   grace while a CNN batch runs on it (versus the same cluster left alone).

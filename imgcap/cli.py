@@ -10,6 +10,9 @@
 Every config-driven command takes ``--set key=value`` overrides (dotted keys for tables, values as TOML
 literals: ``--set train.epochs=2 --set model.architecture=inject``). A config error exits with status 2 and a
 message naming the key, before Ray or TensorFlow start.
+
+Each command imports its job inside its branch on purpose: a bad config is reported before TensorFlow or Ray
+load.
 """
 
 from __future__ import annotations

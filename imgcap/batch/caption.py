@@ -20,6 +20,9 @@ Rerunning into the same ``output_dir`` resumes exactly as extraction does (`imgc
 images already captioned are skipped, half-written files are set aside, nothing is duplicated, and captions
 of another bundle or decoding are refused rather than mixed. With references, the driver scores every
 caption written so far (corpus BLEU-1..4 and CIDEr, per-image BLEU-4) and writes the reports.
+
+The bundle module (TensorFlow) and Ray Data are imported inside functions on purpose: a Ray worker unpickling
+an actor class and a driver checking a config load neither before `import_tensorflow`.
 """
 
 from __future__ import annotations
@@ -78,9 +81,8 @@ class BundleCaptioner:
     """Ray Data actor: loads a bundle once, then captions batches of feature rows with one compiled decoding
     graph per batch. The bundle module (and TensorFlow) is imported here, not at module level, so a Ray worker
     unpickling this class does not pay TensorFlow's import before `quiet_tensorflow`."""
-    def __init__(self, bundle_path: str, decode: DecodeConfig, s3: S3Options) -> None:
-        from imgcap.runtime.logs import import_tensorflow
 
+    def __init__(self, bundle_path: str, decode: DecodeConfig, s3: S3Options) -> None:
         import_tensorflow()  # before the bundle module imports it: no CPU banners
         from imgcap.model.bundle import load_bundle
 

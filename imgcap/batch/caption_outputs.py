@@ -1,4 +1,15 @@
-"""What the caption job writes besides its Parquet rows: the caption schema, BLEU reports, thumbnails for the contact sheet."""
+"""What the caption job writes besides its Parquet rows: the caption schema, BLEU reports, thumbnails for the
+contact sheet.
+
+The captioning job's outputs, in its ``output_dir``:
+
+- ``captions/``: one row per input image (CAPTION_SCHEMA): the image id and source URI it came from, the
+  caption (null with an `error` when the image could not be read or embedded), its log-probability, the
+  decoding and the bundle that made it, and a small JPEG thumbnail (images input only);
+- with references: ``report.parquet`` (each image's references and sentence BLEU-4), ``scores.parquet`` /
+  ``scores.json`` (corpus scores with the split, text mode, decoding and scorer that qualify them);
+- ``report.html``: a static contact sheet (thumbnails, captions, references and BLEU when given).
+"""
 
 from __future__ import annotations
 

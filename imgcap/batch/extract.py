@@ -20,7 +20,7 @@ import pyarrow as pa
 from imgcap.batch.actors import actor_pool_args, check_gpus_schedulable
 from imgcap.batch.reading import pixels_dataset
 from imgcap.config.jobs import ActorPoolConfig, ExtractConfig
-from imgcap.data.feature_table import FEATURE_SCHEMA, feature_rows
+from imgcap.data.feature_table import FeatureDtype, feature_rows, feature_schema
 from imgcap.io.outputs import INCOMPLETE_DIR, OutputDirectory
 from imgcap.io.sources import list_images
 from imgcap.io.storage import S3Options
@@ -109,32 +109,37 @@ def extract_features(config: ExtractConfig) -> ExtractionSummary:
     watch = RecoveryWatch()
     check_gpus_schedulable(config.pool)
     pixels = pixels_dataset(todo, spec.imaging(config.max_pixels), s3, config.shard_size)
-    features = embed_dataset(pixels, spec, weights, config.batch_size, config.pool)
-    written = output.write(features, FEATURE_SCHEMA, config.rows_per_file)
+    features = embed_dataset(pixels, spec, weights, config.batch_size, config.pool, config.feature_dtype)
+    written = output.write(features, feature_schema(config.feature_dtype), config.rows_per_file)
     return ExtractionSummary(config.output_dir, spec.tag, len(refs), len(refs) - len(todo), written.ok,
                              written.failed, time.perf_counter() - started, written.files, incomplete,
                              written.failures, watch.report())
 
 
 class FeatureExtractor(CnnEmbedder):
-    """Ray Data actor of extraction: `pixels_batch` rows -> feature rows (FEATURE_SCHEMA, plus the batch's
-    `thumbnail` column when it has one); bad images keep their error and get no feature."""
+    """Ray Data actor of extraction: `pixels_batch` rows -> feature rows (`feature_schema(dtype)`, plus the
+    batch's `thumbnail` column when it has one); bad images keep their error and get no feature."""
+
+    def __init__(self, spec: EmbeddingSpec, weights: str | None, on_ray: bool = False,
+                 dtype: FeatureDtype = "float32") -> None:
+        super().__init__(spec, weights, on_ray)
+        self.dtype = dtype
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         fault_point("cnn")
         errors = [str(e) for e in batch["error"]]
         ok = np.array([not e for e in errors], dtype=bool)
         table = feature_rows([str(i) for i in batch["image_id"]], [str(s) for s in batch["source"]],
-                             self.spec.tag, self.embed(batch["image"][ok]), errors)
+                             self.spec.tag, self.embed(batch["image"][ok]), errors, self.dtype)
         if "thumbnail" in batch:
             table = table.append_column("thumbnail", pa.array(list(batch["thumbnail"]), pa.binary()))
         return table
 
 
 def embed_dataset(pixels: Any, spec: EmbeddingSpec, weights: str | None, batch_size: int,
-                  pool: ActorPoolConfig) -> Any:
-    """Extraction's CNN stage: a Ray Dataset of `pixels_batch` rows -> feature rows, through a pool of
-    `FeatureExtractor` actors (one model load each, `batch_size` images a call)."""
+                  pool: ActorPoolConfig, dtype: FeatureDtype = "float32") -> Any:
+    """Extraction's CNN stage: a Ray Dataset of `pixels_batch` rows -> feature rows stored as `dtype`, through
+    a pool of `FeatureExtractor` actors (one model load each, `batch_size` images a call)."""
     return pixels.map_batches(FeatureExtractor,
-                              fn_constructor_kwargs={"spec": spec, "weights": weights, "on_ray": True},
+                              fn_constructor_kwargs={"spec": spec, "weights": weights, "on_ray": True, "dtype": dtype},
                               batch_size=batch_size, batch_format="numpy", **actor_pool_args(pool))

@@ -34,7 +34,6 @@ from imgcap.config.loader import (
 from imgcap.config.training import TrainJobConfig
 from imgcap.data.synthetic import demo_dataset_paths, make_shapes_dataset
 from imgcap.io.storage import S3Options
-from imgcap.model.bundle import BUNDLE_DIR
 from imgcap.train.ray_job import DistributedTrainResult, train_on_ray
 
 
@@ -90,8 +89,9 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
         train.setdefault("data", {}).update(captions=captions, features=features, train_split=train_split,
                                             dev_split=dev_split, backbone=extract.get("backbone", "mobilenet_v2"))
         train["output_dir"] = str(work_dir / "train")
+        train_config = _stage_config("train", TrainJobConfig, train, base)
         caption = copy.deepcopy(table.get("caption", {}))
-        caption.update(bundle=str(work_dir / "train" / BUNDLE_DIR), sources=[{"path": images}], references=captions,
+        caption.update(bundle=train_config.bundle_path, sources=[{"path": images}], references=captions,
                        split=dev_split, output_dir=str(work_dir / "captions"))
         cnn = caption.setdefault("cnn", {})  # the CNN weights extraction used (the bundle names the backbone)
         for key in ("weights", "weights_file"):
@@ -100,7 +100,7 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
         return PipelineConfig(
             work_dir=work_dir, demo_images=demo_images, demo_seed=int(table.get("demo_seed", 0)),
             extract=_stage_config("extract", ExtractConfig, extract, base),
-            train=_stage_config("train", TrainJobConfig, train, base),
+            train=train_config,
             caption=_stage_config("caption", CaptionJobConfig, caption, base),
         )
     except ConfigError as exc:

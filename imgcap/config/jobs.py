@@ -75,7 +75,8 @@ class ExtractConfig(ActorPoolConfig):
     backbone: str = "mobilenet_v2"  # one of imgcap.vision.backbones.BACKBONES
     weights: Literal["imagenet", "none"] = "imagenet"  # "none": random init (tests only)
     weights_file: str | None = None  # a local Keras weights file; overrides `weights`
-    pooling: Literal["default", "avg", "max", "none"] = "default"
+    pooling: Literal["default", "avg", "max", "none"] = "default"  # "none": the whole grid (attention)
+    feature_dtype: Literal["float32", "float16"] = "float32"  # float16 halves grids on disk and in training
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp",
                                                            ".tif", ".tiff"])
     id_from: IdFrom = "stem"  # image id: file name without extension, path relative to the source, or the URI

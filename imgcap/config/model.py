@@ -23,18 +23,24 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The caption decoder (see imgcap.model.decoder)."""
+    """The caption decoder (imgcap.model.decoder: merge, inject; imgcap.model.attention: attention)."""
 
-    architecture: Literal["merge", "inject"] = "merge"
+    architecture: Literal["merge", "inject", "attention"] = "merge"
     embedding_dim: int = 256
     units: int = 256
     dropout: float = 0.5
     embedding_dropout: float = 0.0
     glove_path: str | None = None  # GloVe text file; its dimension must equal embedding_dim
     glove_trainable: bool = True
+    # attention only (grid features): the width of the projected regions the decoder attends to and reads
+    # (and of the attention's hidden layer), and the weight of the doubly stochastic penalty (0: off)
+    attention_dim: int = 256
+    attention_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.embedding_dim > 0 and self.units > 0, "embedding_dim and units must be > 0")
+        require(self.attention_dim > 0, f"attention_dim must be > 0, got {self.attention_dim}")
+        require(self.attention_penalty >= 0, f"attention_penalty must be >= 0, got {self.attention_penalty}")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         require(0.0 <= self.embedding_dropout < 1.0, "embedding_dropout must be in [0, 1)")
 

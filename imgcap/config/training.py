@@ -64,7 +64,7 @@ class ScstConfig:
     weight_ema: float = 0.0
     # The update scores the sampled captions with the model's dropout on (sampling runs without it): a
     # regulariser that measured better on dev than the exact gradient of the sampling policy (false), which
-    # learned faster and collapsed sooner (README, "Self-critical training").
+    # learned faster and collapsed sooner (docs/quality.md, "Self-critical training").
     dropout: bool = True
     select_by: Literal["bleu", "cider"] = "cider"  # best epoch: greedy dev CIDEr-D or BLEU-4
     patience: int = 3
@@ -144,6 +144,9 @@ class RayTrainConfig:
         require(self.resource_timeout_s >= 0, f"resource_timeout_s must be >= 0, got {self.resource_timeout_s}")
 
 
+BUNDLE_DIR = "bundle"  # the bundle's folder in a training job's output_dir
+
+
 @dataclass(frozen=True)
 class TrainJobConfig:
     """Config of jobs/train.py: data + text + model + optimisation, and where the bundle goes."""
@@ -156,3 +159,8 @@ class TrainJobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     scst: ScstConfig = field(default_factory=ScstConfig)
     ray: RayTrainConfig = field(default_factory=RayTrainConfig)
+
+    @property
+    def bundle_path(self) -> str:
+        """Where the job writes the bundle of its best epoch: ``<output_dir>/bundle``."""
+        return f"{self.output_dir.rstrip('/')}/{BUNDLE_DIR}"

@@ -112,7 +112,8 @@ def iterate_batches(
     for rows in batches:
         width = int(examples.lengths[rows].max())
         tokens = examples.tokens[rows, :width]
-        yield Batch(features[examples.image_rows[rows]], tokens[:, :-1], tokens[:, 1:], np.ones(len(rows), np.float32))
+        yield Batch(features[examples.image_rows[rows]].astype(np.float32, copy=False), tokens[:, :-1], tokens[:, 1:],
+                    np.ones(len(rows), np.float32))
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,11 @@ class TrainingData:
     dev: CaptionExamples
     dev_references: dict[str, list[list[str]]]  # dev image id -> normalised reference captions
     train_references: dict[str, list[list[str]]]  # train image id -> normalised reference captions (untruncated)
+
+    @property
+    def regions(self) -> int:
+        """Region features per image (a grid's h x w for an attention decoder; 1 for feature vectors)."""
+        return self.embedding.regions if self.embedding is not None else 1
 
 
 def _limit(ids: list[str], limit: int) -> list[str]:
@@ -177,5 +183,5 @@ def prepare_training_data(data: DataConfig, text: TextConfig, vocab: Vocabulary 
         dev=build_examples(dev_tokens, rows, vocab, text.max_length),
         dev_references=dev_tokens,
         train_references=train_tokens,
-        embedding=read_embedding(data.features),
+        embedding=read_embedding(data.features) or (EmbeddingSpec.from_tag(data.backbone) if data.backbone else None),
     )

@@ -1,9 +1,10 @@
 """Image feature tables: the CNN stage's output, read by training and captioning.
 
 A feature table is one row per image: `image_id`, the `source` URI it came from, the `backbone` that made it,
-the `feature` vector (float32) and an `error` (null when the image was read and embedded). Two on-disk forms
+the `feature` vector (float32, or float16 for large grids: half the disk and memory) and an `error` (null
+when the image was read and embedded). Two on-disk forms
 are read: Parquet (a file or a directory of files, as written by extraction, which records how the features
-were made next to them: see `imgcap.vision.embedder.read_embedding`) and `.npz` with `ids` and `features` arrays (the
+were made next to them: see `imgcap.vision.spec.read_embedding`) and `.npz` with `ids` and `features` arrays (the
 shared Flickr8k form).
 """
 
@@ -11,26 +12,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (registers pa.compute, used below and by load_features)
 import pyarrow.parquet as pq
 
-FEATURE_SCHEMA = pa.schema(
-    [
+FeatureDtype = Literal["float32", "float16"]
+_ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+
+
+def feature_schema(dtype: FeatureDtype = "float32") -> pa.Schema:
+    """The schema of a feature table whose vectors are stored as `dtype`."""
+    return pa.schema([
         ("image_id", pa.string()),
         ("source", pa.string()),
         ("backbone", pa.string()),
-        ("feature", pa.list_(pa.float32())),
+        ("feature", pa.list_(_ARROW_DTYPES[dtype])),
         ("error", pa.string()),
-    ]
-)
+    ])
+
+
+FEATURE_SCHEMA = feature_schema()
 
 
 @dataclass(frozen=True)
 class FeatureTable:
-    """Image ids, their source URIs and a [N, D] float32 feature matrix (rows with errors are dropped)."""
+    """Image ids, their source URIs and a [N, D] feature matrix, float32 or float16 as stored (rows with errors
+    are dropped); consumers cast batches to float32."""
 
     ids: list[str]
     features: np.ndarray
@@ -58,15 +68,18 @@ class FeatureTable:
         return FeatureTable(list(ids), self.features[rows], [self.sources[r] for r in rows])
 
 
-def feature_matrix(column: pa.Array | pa.ChunkedArray, dim: int = -1) -> np.ndarray:
-    """A [N, dim] float32 matrix from a list<float> column without nulls (dim -1: inferred)."""
+def feature_matrix(column: pa.Array | pa.ChunkedArray, dim: int = -1, dtype: type = np.float32) -> np.ndarray:
+    """A [N, dim] matrix from a list<float> column without nulls (dim -1: inferred), as `dtype` (None: as
+    stored, so float16 grids stay half the memory)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), dim)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return (values if dtype is None else values.astype(dtype, copy=False)).reshape(len(column), dim)
 
 
 def load_features(path: str | Path) -> FeatureTable:
-    """Read a feature table from `.npz` (ids, features) or Parquet (file or directory); drops error rows."""
+    """Read a feature table from `.npz` (ids, features) or Parquet (file or directory); drops error rows. The
+    features keep their stored precision (float16 grids are not widened here)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"features not found: {path}")
@@ -76,7 +89,9 @@ def load_features(path: str | Path) -> FeatureTable:
             if missing:
                 raise ValueError(f"{path}: .npz must hold arrays 'ids' and 'features'; missing {sorted(missing)}")
             ids = [str(i) for i in npz["ids"]]
-            features = np.asarray(npz["features"], dtype=np.float32)
+            features = np.asarray(npz["features"])
+            if features.dtype not in (np.float16, np.float32):
+                features = features.astype(np.float32)
         return FeatureTable(ids, features, [f"{path}#{i}" for i in ids])
     table = pq.read_table(path, columns=["image_id", "source", "feature", "error"])
     table = table.filter(pa.compute.is_null(table["error"]))
@@ -85,21 +100,22 @@ def load_features(path: str | Path) -> FeatureTable:
     ids = table["image_id"].to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate image ids in the feature table")
-    return FeatureTable(ids, feature_matrix(table["feature"]), table["source"].to_pylist())
+    return FeatureTable(ids, feature_matrix(table["feature"], dtype=None), table["source"].to_pylist())
 
 
 def feature_rows(image_ids: list[str], sources: list[str], tag: str, features: np.ndarray,
-                 errors: list[str]) -> pa.Table:
-    """A FEATURE_SCHEMA table: `features` holds one row per image whose error is "" (in order); the other
-    rows get a null feature and their error message."""
+                 errors: list[str], dtype: FeatureDtype = "float32") -> pa.Table:
+    """A `feature_schema(dtype)` table: `features` holds one row per image whose error is "" (in order); the
+    other rows get a null feature and their error message."""
     ok = np.array([not e for e in errors], dtype=bool)
     dim = features.shape[1] if features.ndim == 2 and len(features) else 0
     offsets = np.zeros(len(image_ids) + 1, dtype=np.int32)
     offsets[1:] = np.cumsum(ok * dim)
-    feature = pa.ListArray.from_arrays(pa.array(offsets), pa.array(features.reshape(-1), pa.float32()),
-                                       type=pa.list_(pa.float32()), mask=pa.array(~ok))
+    values = features.reshape(-1).astype(np.dtype(dtype), copy=False)
+    feature = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, _ARROW_DTYPES[dtype]),
+                                       type=pa.list_(_ARROW_DTYPES[dtype]), mask=pa.array(~ok))
     return pa.Table.from_arrays(
         [pa.array(image_ids, pa.string()), pa.array(sources, pa.string()), pa.array([tag] * len(image_ids),
          pa.string()), feature, pa.array([e or None for e in errors], pa.string())],
-        schema=FEATURE_SCHEMA,
+        schema=feature_schema(dtype),
     )

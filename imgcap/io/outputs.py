@@ -1,18 +1,11 @@
-"""Sinks: where jobs write, on a local path or any pyarrow filesystem URI (``s3://`` included).
+"""Outputs: where jobs write, on a local path or any pyarrow filesystem URI (``s3://`` included).
 
 `OutputDirectory` is the one resumable Parquet directory both Ray Data jobs write (extraction's features,
 the captioning job's captions): it scans what earlier runs wrote (image ids done, half-written files set
 aside in ``_incomplete/``), refuses to mix rows made another way, writes a run's rows under a run-unique file
 prefix, and counts what that run wrote. Every output row keeps its `image_id` and `source` URI.
 
-The captioning job's outputs, in its ``output_dir``:
-
-- ``captions/``: one row per input image (CAPTION_SCHEMA): the image id and source URI it came from, the
-  caption (null with an `error` when the image could not be read or embedded), its log-probability, the
-  decoding and the bundle that made it, and a small JPEG thumbnail (images input only);
-- with references: ``report.parquet`` (each image's references and sentence BLEU-4), ``scores.parquet`` /
-  ``scores.json`` (corpus scores with the split, text mode, decoding and scorer that qualify them);
-- ``report.html``: a static contact sheet (thumbnails, captions, references and BLEU when given).
+Ray Data is imported inside `write` on purpose: reading and scanning outputs needs no Ray.
 """
 
 from __future__ import annotations
@@ -93,9 +86,13 @@ class OutputDirectory:
 
         run_id = f"run{time.strftime('%Y%m%d%H%M%S')}{uuid.uuid4().hex[:8]}"
         self.filesystem.create_dir(self.path)
+        # Write tasks ask for no CPU: encoding Parquet is light, and a writer that waits for a CPU slot behind
+        # the CPU-bound read tasks and CNN actors (on a 2-CPU node: until the reads are done) lets every
+        # finished row pile up in the object store instead of streaming to the files.
         dataset.write_parquet(self.path, filesystem=self.filesystem,
                               filename_provider=FilenameProvider(dataset_uuid=run_id, file_format="parquet"),
-                              min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file, schema=schema)
+                              min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file, schema=schema,
+                              ray_remote_args={"num_cpus": 0})
         written = [p for p in self.files() if p.rsplit("/", 1)[-1].startswith(f"{run_id}_")]
         ok = failed = 0
         failures: list[tuple[str, str]] = []

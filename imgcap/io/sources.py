@@ -38,9 +38,9 @@ S3-compatible stores (MinIO, Ceph, moto), and `anonymous = true` for public buck
 
 Faults: every S3 request is retried by the AWS SDK (`max_attempts`, standard mode: 500, 503, SlowDown,
 throttling and connection errors, exponential backoff with jitter). A read still failing with one of those
-after that is raised out of `read_shard` as `TransientReadError`, so the Ray task reading the shard is retried
-whole (`imgcap.vision.imaging.pixels_dataset`) instead of turning images into error rows; an image that cannot be
-read for good (missing key, access denied, corrupt archive) is an error row. Listing fails fast naming the URI.
+after that is raised out of `read_shard` as `TransientReadError`, so the shard is read again inside its task
+(`imgcap.batch.reading.shard_rows`) instead of its images becoming error rows; an image that cannot be read
+for good (missing key, access denied, corrupt archive) is an error row. Listing fails fast naming the URI.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def check_unique_ids(refs: Iterable[ImageRef], id_from: str = "stem") -> None:
 
 
 def list_images(sources: Sequence[Any], options: S3Options, extensions: Sequence[str], id_from: str) -> list[ImageRef]:
-    """Every image of a job's `sources` (imgcap.config.loader.SourceConfig), checked for unique ids."""
+    """Every image of a job's `sources` (imgcap.config.jobs.SourceConfig), checked for unique ids."""
     refs = [ref for source in sources
             for ref in list_source(source.path, options, recursive=source.recursive,
                                    include_archives=source.include_archives, extensions=extensions,

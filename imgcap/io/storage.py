@@ -32,7 +32,7 @@ class S3Options:
 
     @classmethod
     def from_config(cls, config: Any) -> "S3Options":
-        """From a job's `[s3]` table (imgcap.config.loader.S3Config)."""
+        """From a job's `[s3]` table (imgcap.config.jobs.S3Config)."""
         return cls(config.endpoint_url, config.region, config.profile, config.anonymous, config.max_attempts)
 
 
@@ -148,7 +148,7 @@ class TransientReadError(OSError):
 # own file writes on (`DataContext.retried_io_errors`), plus throttling and timeouts. "Failed to flush response
 # stream" is a 500/503 answered to a small ranged GET (a Parquet footer): the SDK writes the error's XML into
 # the caller's buffer sized for the range, the stream overflows, and the SDK reports a non-retryable
-# INTERNAL_FAILURE without the status (seen with tests/flaky_s3.py; apache/doris#66557 tells the same story).
+# INTERNAL_FAILURE without the status (seen with imgcap/testing/flaky_s3.py; apache/doris#66557 tells the same story).
 _TRANSIENT_ERRORS = ("AWS Error INTERNAL_FAILURE", "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN",
                      "AWS Error SERVICE_UNAVAILABLE", "AWS Error THROTTLING", "HTTP status 500",
                      "HTTP status 503", "Failed to flush response stream", "Timeout", "Connection reset")

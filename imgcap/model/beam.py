@@ -1,12 +1,15 @@
 """Caption generation on batches of images: greedy and beam search, and sampling (self-critical training).
 
-Both decoders are incremental: the decoder state (LSTM h/c and the image context) is carried from step to
-step and only the newest token is fed, so a caption of n words costs n LSTM steps, not n re-runs of the
-prefix. Each runs as one compiled TensorFlow graph per batch. `<pad>`, `<unk>` and `<start>` are never
-emitted.
+Both decoders are incremental: the decoder state (LSTM h/c) is carried from step to step and only the newest
+token is fed, so a caption of n words costs n LSTM steps, not n re-runs of the prefix; what a step reads of the
+image (a merge model's projected vector, an attention model's projected regions) is computed once per image.
+Each runs as one compiled TensorFlow graph per batch. `<pad>`, `<unk>` and `<start>` are never emitted.
 
-A decoder works with anything that has the `CaptionModel` decoding interface: `initial_state(features)` and
-`step(tokens, state) -> (logits, state)` with `state` any nest of tensors whose first dimension is the batch.
+A decoder works with anything that has the `CaptionModel` decoding interface: `initial_state(features) ->
+(image, state)` and `step(tokens, image, state) -> (logits, state)`, each a nest of tensors whose first
+dimension is the batch. The search reorders `state` as hypotheses are kept or dropped but never `image`: the
+hypotheses of an image stay in that image's rows, so its rows of `image` stay right without being gathered
+(for attention, the regions are the bulk of the memory a step touches).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class StepModel(Protocol):
 
     def initial_state(self, features: tf.Tensor): ...
 
-    def step(self, tokens: tf.Tensor, state): ...
+    def step(self, tokens: tf.Tensor, image, state): ...
 
 
 @dataclass(frozen=True)
@@ -100,13 +103,13 @@ class GreedyDecoder(_Decoder):
 
     def _search_graph(self, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.shape(features)[0]
-        state = self.model.initial_state(features)
+        image, state = self.model.initial_state(features)
         tokens = tf.fill([batch], START_ID)
         finished = tf.zeros([batch], tf.bool)
         score = tf.zeros([batch], tf.float32)
         out = tf.TensorArray(tf.int32, size=self.max_length, element_shape=tf.TensorShape([None]))
         for t in tf.range(self.max_length):
-            logits, state = self.model.step(tokens, state)
+            logits, state = self.model.step(tokens, image, state)
             log_probs = tf.nn.log_softmax(logits + self._banned)
             tokens = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
             step_score = tf.reduce_max(log_probs, axis=-1)
@@ -139,7 +142,8 @@ class BeamSearchDecoder(_Decoder):
     def _search_graph(self, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         k, v, length = self.beam_width, self.model.vocab_size, self.max_length
         batch = tf.shape(features)[0]
-        state = tf.nest.map_structure(lambda s: tf.repeat(s, k, axis=0), self.model.initial_state(features))
+        # Beam j of image b is row b * k + j, of `image` too: repeated once here, never gathered below.
+        image, state = tf.nest.map_structure(lambda s: tf.repeat(s, k, axis=0), self.model.initial_state(features))
         tokens = tf.fill([batch * k], START_ID)
         # Only the first beam is alive at the start, so the first step expands one hypothesis, not k copies.
         scores = tf.tile(tf.constant([[0.0] + [_NEG] * (k - 1)]), [batch, 1])
@@ -151,7 +155,7 @@ class BeamSearchDecoder(_Decoder):
         positions = tf.range(length)[None, None, :]
         beam_offsets = (tf.range(batch) * k)[:, None]
         for t in tf.range(length):
-            logits, state = self.model.step(tokens, state)
+            logits, state = self.model.step(tokens, image, state)
             log_probs = tf.reshape(tf.nn.log_softmax(logits + self._banned), [batch, k, v])
             log_probs = tf.where(finished[..., None], pad_only, log_probs)
             candidates = tf.reshape(scores[..., None] + log_probs, [batch, k * v])
@@ -193,14 +197,15 @@ class CaptionSampler:
             tf.TensorSpec([None, model.feature_dim], tf.float32), tf.TensorSpec([2], tf.int64)])
 
     def _sample_graph(self, features: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        features = tf.repeat(features, self.samples, axis=0)
-        rows = tf.shape(features)[0]
-        state = self.model.initial_state(features)
+        rows = tf.shape(features)[0] * self.samples
+        # image b's samples are rows b * samples ...: its image part is computed once and repeated
+        image, state = tf.nest.map_structure(lambda s: tf.repeat(s, self.samples, axis=0),
+                                             self.model.initial_state(features))
         tokens = tf.fill([rows], START_ID)
         finished = tf.zeros([rows], tf.bool)
         out = tf.TensorArray(tf.int32, size=self.max_length, element_shape=tf.TensorShape([None]))
         for t in tf.range(self.max_length):
-            logits, state = self.model.step(tokens, state)
+            logits, state = self.model.step(tokens, image, state)
             # log_softmax first: the ensemble's step already returns log-probabilities, a model's returns logits
             scaled = tf.nn.log_softmax(logits + self._banned) / self.temperature
             step_seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(t, tf.int64))

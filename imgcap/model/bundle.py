@@ -32,11 +32,10 @@ from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
 from imgcap.data.text import Vocabulary
 from imgcap.io.storage import S3Options, filesystem_for
 from imgcap.model.beam import BeamSearchDecoder, GreedyDecoder, make_decoder
-from imgcap.model.decoder import CaptionEnsemble, CaptionModel
+from imgcap.model.decoder import CaptionEnsemble, Decoder, create_decoder
 from imgcap.vision.spec import EmbeddingSpec
 
 BUNDLE_FORMAT = "imgcap-bundle/1"
-BUNDLE_DIR = "bundle"  # the bundle's folder in a training job's output_dir
 _META, _VOCAB = "bundle.json", "vocab.json"
 
 
@@ -44,7 +43,7 @@ _META, _VOCAB = "bundle.json", "vocab.json"
 class CaptionBundle:
     """A trained caption decoder with its vocabulary and the configs that made it."""
 
-    model: CaptionModel | CaptionEnsemble
+    model: Decoder | CaptionEnsemble
     vocab: Vocabulary
     text: TextConfig
     decode: DecodeConfig
@@ -82,6 +81,7 @@ class CaptionBundle:
             "decode": config_to_dict(self.decode),
             "vocab_size": len(self.vocab),
             "feature_dim": self.model.feature_dim,
+            "regions": self.model.regions,
             "backbone": self.backbone,
             "embedding": self.embedding.to_dict() if self.embedding else None,
             "provenance": self.provenance,
@@ -94,7 +94,7 @@ class CaptionBundle:
         return directory
 
     @property
-    def members(self) -> list[CaptionModel]:
+    def members(self) -> list[Decoder]:
         """The models of the bundle (one, or the members of its ensemble)."""
         return self.model.members if isinstance(self.model, CaptionEnsemble) else [self.model]
 
@@ -117,7 +117,8 @@ def load_bundle(bundle_path: str | Path, s3: S3Options | None = None) -> Caption
     for entry in meta["models"]:
         if not (directory / entry["weights"]).is_file():
             raise FileNotFoundError(f"{directory} is not a complete bundle: {entry['weights']} is missing")
-        model = CaptionModel(config_from_dict(ModelConfig, entry["config"]), len(vocab), meta["feature_dim"])
+        model = create_decoder(config_from_dict(ModelConfig, entry["config"]), len(vocab), meta["feature_dim"],
+                               meta.get("regions", 1))  # bundles before attention: feature vectors
         model.load_weights(directory / entry["weights"])
         members.append(model)
     model = members[0] if len(members) == 1 else CaptionEnsemble(members)

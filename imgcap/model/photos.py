@@ -1,4 +1,8 @@
-"""Caption a few photo files in this process with a bundle: the same imaging, CNN and decoder as the bulk job."""
+"""Caption a few photo files in this process with a bundle: the same imaging, CNN and decoder as the bulk job.
+
+The bundle and the CNN (TensorFlow) are imported inside `caption_photos` on purpose, after `import_tensorflow`,
+so TensorFlow starts without its CPU banners.
+"""
 
 from __future__ import annotations
 

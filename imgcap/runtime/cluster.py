@@ -1,15 +1,10 @@
-"""Process set-up shared by every job: quiet TensorFlow logs and one way to attach to Ray.
-
-`quiet_tensorflow` must run before TensorFlow is first imported: TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL``
-once, at import. The job scripts in ``jobs/`` call it before they import anything of imgcap. Since 2.19
-TensorFlow logs its CUDA / oneDNN start-up banners through absl, which ignores that variable, so
-`import_tensorflow` imports it with those lines filtered out of stderr; imgcap's drivers, Ray actors and train
-workers import TensorFlow through it, so a CPU machine prints no CUDA banner. An already-set variable is
-left to the user (``TF_CPP_MIN_LOG_LEVEL=0``).
+"""One way to attach to Ray, and what the cluster can become.
 
 `init_ray` is the only place imgcap starts or attaches to Ray; library functions call it (never a bare
 ``ray.init()``) so the same code runs under ``ray job submit`` (``RAY_ADDRESS`` set by the job server), on a
-cluster node, or on a laptop, where it starts a local Ray.
+cluster node, or on a laptop, where it starts a local Ray. `cluster_can_grow` and `max_cluster_resources`
+tell whether an autoscaler can still add nodes, and how far. Ray is imported inside the functions on purpose:
+importing this module starts nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +29,13 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     quiet_tensorflow()
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # Without a terminal Ray Data logs its whole progress table every 10 s: once a minute says as much on a
+    # long job (read when ray.data is first imported, which the jobs do after this; a user's value wins).
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+    # Workers' and actors' output goes to Ray's log files, not the job's console: the jobs print their own
+    # progress (Ray Data's progress, one line per training epoch) and summary, and errors reach the driver
+    # as exceptions with the remote traceback.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
 
 
 def _autoscaler_node_types() -> tuple[dict[str, str], bool]:
@@ -79,3 +80,14 @@ def cluster_can_grow() -> bool:
         log.warning("could not tell whether an autoscaler runs (%s); treating the Ray cluster as fixed", exc)
         return False
     return pending or any(name != format_readonly_node_type(node) for node, name in types.items())
+
+
+def max_cluster_resources() -> dict[str, float] | None:
+    """The fully scaled-up cluster's resources from the GCS cluster config an autoscaler published (the
+    same source `cluster_can_grow` reads first), or None when none was published."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None

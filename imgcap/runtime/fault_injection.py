@@ -13,6 +13,8 @@ the file, `fault_point` returns at once.
 
 Stages: ``read`` (a read task, per shard batch), ``cnn`` (a CNN actor, per batch), ``caption`` (a
 caption-decoding actor, per batch). Batches are counted per process, from 1.
+
+Ray is imported only where a marker records its node, on purpose: the hook costs nothing when unarmed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""Quiet logs: TensorFlow imported without its CPU-machine banners, job logging."""
+"""Quiet logs: TensorFlow imported without its CPU-machine banners, and job logging.
+
+`quiet_tensorflow` must run before TensorFlow is first imported: TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL``
+once, at import. The job scripts in ``jobs/`` call it before they import anything of imgcap. Since 2.19
+TensorFlow logs its CUDA / oneDNN start-up banners through absl, which ignores that variable, so
+`import_tensorflow` imports it with those lines filtered out of stderr; imgcap's drivers, Ray actors and train
+workers import TensorFlow through it, so a CPU machine prints no CUDA banner. An already-set variable is
+left to the user (``TF_CPP_MIN_LOG_LEVEL=0``).
+"""
 
 from __future__ import annotations
 
@@ -71,6 +79,8 @@ def import_tensorflow() -> Any:
 
 
 def setup_logging() -> None:
-    """Job logging: INFO for imgcap, quiet TensorFlow (see `quiet_tensorflow`)."""
+    """Job logging: INFO for imgcap, quiet TensorFlow (see `quiet_tensorflow`), and Ray Train's driver-side
+    notes (snapshot found, worker group starting: several lines each) only when they warn."""
     quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)

@@ -1,4 +1,7 @@
-"""What Ray recovered from while a job ran (restarts, retries, lost nodes)."""
+"""What Ray recovered from while a job ran (restarts, retries, lost nodes).
+
+Ray is imported inside the methods on purpose: importing this module starts nothing.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """What the fault tests and ``benchmarks/faults.py`` both do around a job: arm a fault, start a three-node
 cluster and strike the node a paused stage names, kill a driver at a chosen moment, and read back every image
-id an output holds."""
+id an output holds.
+
+Ray is imported inside the cluster helper on purpose: the other helpers need none of it.
+"""
 
 from __future__ import annotations
 

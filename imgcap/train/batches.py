@@ -11,7 +11,7 @@ import numpy as np
 from imgcap.config.training import TrainJobConfig
 from imgcap.data.dataset import Batch, CaptionExamples, TrainingData, iterate_batches
 from imgcap.metrics.cider import CiderD
-from imgcap.model.decoder import CaptionModel
+from imgcap.model.decoder import Decoder
 from imgcap.train.scst import SelfCriticalBatches
 from imgcap.train.state import Phase
 
@@ -41,7 +41,7 @@ class CaptionBatches:
         return None
 
 
-def phase_batches(phase: Phase, job: TrainJobConfig, data: TrainingData, model: CaptionModel, *,
+def phase_batches(phase: Phase, job: TrainJobConfig, data: TrainingData, model: Decoder, *,
                   rank: int = 0, world_size: int = 1,
                   rng_for_epoch: Callable[[int], np.random.Generator] | None = None) -> BatchSource:
     """The batches of `phase` for data-parallel worker `rank` of `world_size` (every world_size-th caption

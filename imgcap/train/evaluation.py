@@ -18,7 +18,7 @@ from imgcap.metrics.evaluate import (
 )
 from imgcap.model.beam import GreedyDecoder
 from imgcap.model.bundle import CaptionBundle
-from imgcap.model.decoder import CaptionModel
+from imgcap.model.decoder import Decoder
 from imgcap.train.losses import masked_token_loss
 
 
@@ -36,7 +36,7 @@ class DevEvaluator:
     CIDEr-D's document frequencies are the dev references' (as coco-caption computes them).
     """
 
-    def __init__(self, model: CaptionModel, vocab: Vocabulary, examples: CaptionExamples, features: np.ndarray,
+    def __init__(self, model: Decoder, vocab: Vocabulary, examples: CaptionExamples, features: np.ndarray,
                  dev_features: np.ndarray, dev_references: list[list[list[str]]], max_length: int = 30) -> None:
         self.model, self.vocab, self.examples, self.features = model, vocab, examples, features
         self.dev_features, self.dev_references = dev_features, dev_references
@@ -64,7 +64,7 @@ class DevEvaluator:
                          float(self._cider.score_captions(captions).mean()))
 
 
-def dev_evaluator(config: TrainJobConfig, data: TrainingData, model: CaptionModel) -> DevEvaluator:
+def dev_evaluator(config: TrainJobConfig, data: TrainingData, model: Decoder) -> DevEvaluator:
     """The `DevEvaluator` of a job's model on its dev split (greedy captions up to ``decode.max_length``)."""
     return DevEvaluator(model, data.vocab, data.dev, data.features.features,
                         data.features.select(data.dev_ids).features,

@@ -6,14 +6,14 @@ with ``[scst]``, self-critical training on the CIDEr-D reward of sampled caption
 same step: a loss per caption, weighted (1 for a reference caption, the advantage for a sampled one),
 gradient clipping, Adam with a per-epoch decay, an optional moving average of the weights, and model
 selection on the dev split (dev loss, or greedy dev BLEU-4 or CIDEr-D) with early stopping. The single-process
-trainer (`train_captioner`) and the Ray Train workers (`imgcap.train.ray_job`) run the same `train_phase` epoch
+trainer (`imgcap.train.local.train_captioner`) and the Ray Train workers (`imgcap.train.ray_job`) run the same `train_phase` epoch
 loop and the same `TrainingState`; checkpoints are `tf.train.Checkpoint`s of the model, the optimizer and the
 best epoch's weights.
 
 The step is written once for any `tf.distribute.Strategy`: `strategy.run` inside a `tf.function`, with each
 replica's loss divided by the number of replicas so that the all-reduced (summed) gradients are the average
 over replicas. This is what runs under Ray Train's MultiWorkerMirroredStrategy, where Keras 3 `model.fit`
-does not (see README).
+does not (docs/ray-train.md).
 """
 
 from __future__ import annotations
@@ -57,10 +57,7 @@ def train_phase(trainer: CaptionTrainer, evaluator: DevEvaluator, state: Trainin
                                    total, batches.epoch_reward())
             if state.record(metrics, config.select_by):
                 trainer.keep_best()
-        reward = "" if metrics.train_reward is None else f", sample reward {metrics.train_reward:.4f}"
-        log.info("%s epoch %d/%d: train loss %.4f%s, dev loss %.4f, dev BLEU-4 %.4f, dev CIDEr-D %.4f, %.1f s, "
-                 "%.0f images/s", state.phase, epoch + 1, config.epochs, train_loss, reward, dev.loss, dev.bleu4,
-                 dev.cider, seconds, metrics.images_per_second)
+        log.info("%s", metrics.format(config.epochs))
         if state.stops_early(config):
             log.info("early stop: no better dev %s for %d epochs", config.select_by, config.patience)
         yield metrics

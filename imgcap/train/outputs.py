@@ -12,8 +12,8 @@ from imgcap.config.loader import config_to_dict
 from imgcap.config.training import TrainJobConfig
 from imgcap.data.dataset import TrainingData
 from imgcap.metrics.evaluate import EvaluationReport, coco_available
-from imgcap.model.bundle import BUNDLE_DIR, CaptionBundle
-from imgcap.model.decoder import CaptionModel
+from imgcap.model.bundle import CaptionBundle
+from imgcap.model.decoder import Decoder
 from imgcap.train.evaluation import evaluate_bundle_on_dev
 from imgcap.train.state import EpochMetrics, TrainingState, training_phases
 from imgcap.vision.spec import EmbeddingSpec
@@ -49,14 +49,14 @@ def training_embedding(config: TrainJobConfig, data: TrainingData) -> EmbeddingS
     return EmbeddingSpec.from_tag(config.data.backbone) if config.data.backbone else None
 
 
-def write_training_outputs(config: TrainJobConfig, model: CaptionModel, data: TrainingData,
+def write_training_outputs(config: TrainJobConfig, model: Decoder, data: TrainingData,
                            history: list[EpochMetrics], provenance: dict) -> tuple[Path, EvaluationReport]:
     """What every training job leaves in ``config.output_dir``: the bundle, history.csv, dev_report.json."""
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     bundle = CaptionBundle(model, data.vocab, config.text, config.decode, training_embedding(config, data),
                            provenance)
-    bundle_path = bundle.save(output / BUNDLE_DIR)
+    bundle_path = bundle.save(config.bundle_path)
     write_history(history, output / "history.csv")
     report = evaluate_bundle_on_dev(bundle, data, coco=coco_available())
     (output / "dev_report.json").write_text(json.dumps(report.as_dict(), indent=2), encoding="utf-8")

@@ -1,4 +1,7 @@
-"""Enough CPUs and GPUs for the Ray Train workers, or an autoscaler to deliver them."""
+"""Enough CPUs and GPUs for the Ray Train workers, or an autoscaler to deliver them.
+
+Ray is imported inside the functions on purpose: a config is checked without loading it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import uuid
 
 from imgcap.config.loader import ConfigError
 from imgcap.config.training import TrainJobConfig
-from imgcap.runtime.cluster import cluster_can_grow
+from imgcap.runtime.cluster import cluster_can_grow, max_cluster_resources
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +37,6 @@ def _cluster_shortfall(config: TrainJobConfig, resources: dict[str, float]) -> s
     return None
 
 
-def _max_cluster_resources() -> dict[str, float] | None:
-    """The fully scaled-up cluster's resources from the GCS cluster config, or None (not published)."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
-
-
 def check_cluster(config: TrainJobConfig, wait: bool = True) -> None:
     """Enough CPUs/GPUs for ``ray.num_workers`` workers, or an autoscaler to add them.
 
@@ -60,7 +53,7 @@ def check_cluster(config: TrainJobConfig, wait: bool = True) -> None:
     timeout = config.ray.resource_timeout_s
     if not timeout or not cluster_can_grow():
         raise ConfigError(missing)
-    most = _max_cluster_resources()
+    most = max_cluster_resources()
     if most:
         beyond = _cluster_shortfall(config, most)
         if beyond is not None:

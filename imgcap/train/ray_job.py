@@ -19,6 +19,7 @@ import numpy as np
 from imgcap.config.loader import ConfigError, config_to_dict
 from imgcap.config.training import TrainJobConfig
 from imgcap.runtime.logs import import_tensorflow
+from imgcap.train.progress import EpochWatch
 from imgcap.train.ray_cluster import check_cluster, worker_bundle
 from imgcap.train.ray_worker import FAIL_ONCE_ENV, train_loop_per_worker
 from imgcap.train.resume import (
@@ -103,6 +104,7 @@ class JobPlan:
     existing: ExistingRun | None = None  # a rerun: the run Ray Train restores
     resume: str | None = None  # ray.resume_from's checkpoint (a new run), on `resume_filesystem`
     resume_filesystem: Any = None  # None: a local path
+    epochs_done: int = 0  # epochs in the history the run starts from (printed before, not again)
 
     @property
     def finished(self) -> bool:
@@ -173,19 +175,20 @@ def validate_job(config: TrainJobConfig) -> JobPlan:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        build_model(config.model, data.vocab, data.features.dim, config.train.seed)  # e.g. GloVe dimension
+        build_model(config.model, data.vocab, data.features.dim, config.train.seed, data.regions)  # e.g. GloVe dimension
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: {exc}") from None
     if not finished:
         check_cluster(config)  # last: on an autoscaling cluster this may wait ray.resource_timeout_s
-    return JobPlan(data, run, existing, resume, resume_fs)
+    epochs_done = len(meta.get("history", [])) if meta is not None else 0
+    return JobPlan(data, run, existing, resume, resume_fs, epochs_done)
 
 
 def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     """The Ray Train job: validate, train on ``ray.num_workers`` workers, write the bundle and the reports.
 
     Writes into ``config.output_dir``: ``bundle/`` (best epoch; what `jobs/caption.py` loads),
-    ``history.csv`` and ``dev_report.json``, like `imgcap.train.loop.train_captioner`; Ray Train's run directory
+    ``history.csv`` and ``dev_report.json``, like `imgcap.train.local.train_captioner`; Ray Train's run directory
     (checkpoints, per-report metrics) is ``<ray.storage_path>/<run name>`` (default
     ``<output_dir>/ray_results/train-<output_dir name>-<hash>``). Run again, the job continues that run, or
     only rewrites the outputs when the run has finished (see the module docstring).
@@ -249,7 +252,8 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
                 failure_config=FailureConfig(max_failures=config.ray.max_failures, controller_failure_limit=-1)),
         )
         try:
-            result = trainer.fit()
+            with EpochWatch(config, run.filesystem, run.path, seen=plan.epochs_done):
+                result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends
             raise RuntimeError(f"the Ray Train run {run.name} failed (ray.max_failures = {config.ray.max_failures}): "
                                f"{exc}\nIts checkpoints are in {run.uri}; rerun the same job (same output_dir and "
@@ -257,7 +261,7 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"the Ray Train run {run.uri} finished without a checkpoint")
 
-    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
+    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed, data.regions)
     with result.checkpoint.as_directory() as directory:
         state = TrainingState.from_meta(read_checkpoint_meta(directory))
         model.set_weights(checkpoint_best_weights(directory, model))

@@ -1,4 +1,8 @@
-"""The Ray Train worker loop: MultiWorkerMirroredStrategy, the shared phase loop, one checkpoint per epoch."""
+"""The Ray Train worker loop: MultiWorkerMirroredStrategy, the shared phase loop, one checkpoint per epoch.
+
+It runs in Ray Train's workers: the TensorFlow-backed modules are imported inside the loop on purpose, so a
+driver that pickles the loop imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -110,7 +114,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             reported = {k: v for k, v in metrics.as_dict().items() if v is not None}
             reported.update(best_epoch=state.best_epoch, world_size=world_size, started_at_phase=started_at[0],
                             started_at_epoch=started_at[1], early_stop=state.stops_early(phase.config))
-            meta = {"job": loop_config["job"], "feature_dim": data.features.dim, "vocab_size": len(vocab),
+            meta = {"job": loop_config["job"], "feature_dim": data.features.dim, "regions": data.regions,
+                    "vocab_size": len(vocab),
                     "world_size": world_size, "saved_at": time.time()}
             with tempfile.TemporaryDirectory() as tmp:
                 # Every worker writes the checkpoint (TensorFlow's rule for MultiWorkerMirroredStrategy: saving

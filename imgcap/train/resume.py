@@ -1,4 +1,7 @@
-"""Continuing training: an existing run of the same job, or ray.resume_from, checked against the config."""
+"""Continuing training: an existing run of the same job, or ray.resume_from, checked against the config.
+
+Ray is imported inside the function that needs its version, on purpose: the checks load nothing else of it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgcap.config.loader import ConfigError
+from imgcap.config.loader import ConfigError, config_to_dict
 from imgcap.config.training import TrainJobConfig
 from imgcap.data.text import Vocabulary
 from imgcap.train.run_storage import (
@@ -27,9 +30,20 @@ from imgcap.train.state import (
     read_text,
     training_phases,
 )
-from imgcap.train.warm_start import check_same_model
 
 log = logging.getLogger(__name__)
+
+
+def check_same_model(config: TrainJobConfig, saved: dict[str, Any], label: str, fix: str = "") -> None:
+    """Refuse to start from weights made with other model or text settings: `saved` is the job config table
+    of a bundle or checkpoint ({"model": ..., "text": ...}), `label` names it, `fix` ends the message. The GloVe
+    file only initialises a model, so it may differ."""
+    for table in ("model", "text"):
+        ours = config_to_dict(getattr(config, table))
+        for key, value in saved[table].items():
+            if key != "glove_path" and ours.get(key) != value:
+                raise ConfigError(f"{table}.{key} is {ours.get(key)!r} but {label} was trained with {value!r}; "
+                                  f"set {table}.{key} = {value!r}" + (f" to continue it, {fix}" if fix else ""))
 
 
 def check_resume(config: TrainJobConfig, checkpoint: str | Path, filesystem: Any = None, *,

@@ -11,7 +11,7 @@ extra decoding) or the reward of the image's greedy caption (Rennie et al.). Min
 ``-sum(advantage * log p(caption)) / tokens`` is the REINFORCE policy gradient: captions better than the
 baseline become likelier, worse ones less likely.
 
-The update itself is the cross-entropy step with a weight per caption (`imgcap.train.loop.CaptionTrainer`): a
+The update itself is the cross-entropy step with a weight per caption (`imgcap.train.trainer.CaptionTrainer`): a
 `Batch` here holds the sampled captions as targets and their advantages as weights. Sampling runs without
 dropout; the update's teacher-forced log-probabilities run with the model's dropout by default
 (``scst.dropout``): the samples are then scored under dropout-perturbed copies of the policy, a regulariser
@@ -29,7 +29,7 @@ from imgcap.data.dataset import Batch
 from imgcap.data.text import END_ID, PAD_ID, START_ID, Vocabulary
 from imgcap.metrics.cider import CiderD
 from imgcap.model.beam import CaptionSampler, GreedyDecoder
-from imgcap.model.decoder import CaptionModel
+from imgcap.model.decoder import Decoder
 
 
 class SelfCriticalBatches:
@@ -40,7 +40,7 @@ class SelfCriticalBatches:
     makes every data-parallel worker take the same number of steps (cycling a short shard).
     """
 
-    def __init__(self, model: CaptionModel, vocab: Vocabulary, reward: CiderD, features: np.ndarray,
+    def __init__(self, model: Decoder, vocab: Vocabulary, reward: CiderD, features: np.ndarray,
                  image_rows: np.ndarray, config: ScstConfig, batch_size: int,
                  rng_for_epoch: Callable[[int], np.random.Generator], num_batches: int | None = None) -> None:
         self.reward, self.features, self.config = reward, features, config

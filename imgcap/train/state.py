@@ -46,6 +46,13 @@ class EpochMetrics:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def format(self, epochs: int) -> str:
+        """The epoch's console line; `epochs` is its phase's planned epoch count."""
+        reward = "" if self.train_reward is None else f", sample reward {self.train_reward:.4f}"
+        return (f"{self.phase} epoch {self.epoch}/{epochs}: train loss {self.train_loss:.4f}{reward}, dev loss "
+                f"{self.dev_loss:.4f}, dev BLEU-4 {self.dev_bleu4:.4f}, dev CIDEr-D {self.dev_cider:.4f}, "
+                f"{self.seconds:.1f} s, {self.images_per_second:.0f} images/s")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EpochMetrics:
         known = {f.name for f in fields(cls)}

@@ -15,7 +15,7 @@ import tensorflow as tf
 from imgcap.config.training import TrainConfig
 from imgcap.data.dataset import Batch
 from imgcap.data.text import Vocabulary
-from imgcap.model.decoder import CaptionModel
+from imgcap.model.decoder import Decoder
 from imgcap.train.losses import (
     check_sampled_softmax,
     masked_token_loss,
@@ -30,14 +30,14 @@ from imgcap.train.state import (
 
 
 class CaptionTrainer:
-    """One phase of fitting a `CaptionModel`: its optimizer, the compiled step, the best epoch's weights.
+    """One phase of fitting a decoder (`imgcap.model.decoder.Decoder`): its optimizer, the compiled step, the best epoch's weights.
 
     Create it (and so the model and optimizer) inside ``strategy.scope()`` when a strategy is used; a new
     phase gets a new trainer (a fresh optimizer) for the same model. `dropout` = False runs the step's
     forward pass without dropout (`scst.dropout = false`, `imgcap.train.state.Phase.dropout`).
     """
 
-    def __init__(self, model: CaptionModel, config: TrainConfig,
+    def __init__(self, model: Decoder, config: TrainConfig,
                  strategy: tf.distribute.Strategy | None = None, dropout: bool = True) -> None:
         self.model, self.config, self.dropout = model, config, dropout
         check_sampled_softmax(config, model.vocab_size)
@@ -57,14 +57,15 @@ class CaptionTrainer:
     def _replica_step(self, features: tf.Tensor, inputs: tf.Tensor, targets: tf.Tensor,
                       weights: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
+            # `penalty`: the decoder's own regulariser (attention: doubly stochastic; merge/inject: 0)
+            hidden, penalty = self.model.forward((features, inputs), training=self.dropout)
             if self.config.sampled_softmax:
-                hidden = self.model.hidden_states((features, inputs), training=self.dropout)
                 total, count = sampled_token_loss(hidden, targets, weights, self.model.classifier,
                                                   self.config.sampled_softmax)
             else:
-                logits = self.model((features, inputs), training=self.dropout)
-                total, count = masked_token_loss(logits, targets, weights, self.config.label_smoothing)
-            loss = total / tf.maximum(count, 1.0)
+                total, count = masked_token_loss(self.model.classifier(hidden), targets, weights,
+                                                 self.config.label_smoothing)
+            loss = total / tf.maximum(count, 1.0) + penalty
             scaled = loss / self.strategy.num_replicas_in_sync
         variables = self.model.trainable_variables
         # The gradients here are of loss / replicas: clipping them at clip_norm / replicas clips each replica's
@@ -141,7 +142,7 @@ class CaptionTrainer:
         self._checkpoint.read(str(Path(directory) / CHECKPOINT_STATE)).assert_consumed()
 
 
-def checkpoint_best_weights(directory: str | Path, model: CaptionModel) -> list[np.ndarray]:
+def checkpoint_best_weights(directory: str | Path, model: Decoder) -> list[np.ndarray]:
     """The best weights stored in a checkpoint, for `model`'s shapes (nothing else is read)."""
     best = [tf.Variable(tf.zeros_like(w)) for w in model.get_weights()]
     tf.train.Checkpoint(best=best).read(str(Path(directory) / CHECKPOINT_STATE)).expect_partial()

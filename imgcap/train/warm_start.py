@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -13,7 +12,8 @@ from imgcap.config.training import TrainJobConfig
 from imgcap.data.dataset import TrainingData
 from imgcap.data.text import Vocabulary
 from imgcap.model.bundle import load_bundle
-from imgcap.model.decoder import CaptionModel, build_model
+from imgcap.model.decoder import Decoder, build_model, create_decoder
+from imgcap.train.resume import check_same_model
 from imgcap.train.state import (
     CHECKPOINT_META,
     VOCAB_FILE,
@@ -32,18 +32,6 @@ class InitialModel:
     vocab: Vocabulary
     weights: list[np.ndarray]
     feature_dim: int
-
-
-def check_same_model(config: TrainJobConfig, saved: dict[str, Any], label: str, fix: str = "") -> None:
-    """Refuse to start from weights made with other model or text settings: `saved` is the job config table
-    of a bundle or checkpoint ({"model": ..., "text": ...}), `label` names it, `fix` ends the message. The GloVe
-    file only initialises a model, so it may differ."""
-    for table in ("model", "text"):
-        ours = config_to_dict(getattr(config, table))
-        for key, value in saved[table].items():
-            if key != "glove_path" and ours.get(key) != value:
-                raise ConfigError(f"{table}.{key} is {ours.get(key)!r} but {label} was trained with {value!r}; "
-                                  f"set {table}.{key} = {value!r}" + (f" to continue it, {fix}" if fix else ""))
 
 
 def initial_model(config: TrainJobConfig) -> InitialModel | None:
@@ -74,16 +62,16 @@ def initial_model(config: TrainJobConfig) -> InitialModel | None:
     meta = read_checkpoint_meta(checkpoint)
     check_same_model(config, meta["job"], f"scst.init_from ({checkpoint})")
     vocab = Vocabulary.load(Path(checkpoint) / VOCAB_FILE)
-    model = CaptionModel(config.model, len(vocab), int(meta["feature_dim"]))
+    model = create_decoder(config.model, len(vocab), int(meta["feature_dim"]), int(meta.get("regions", 1)))
     return InitialModel(checkpoint, vocab, checkpoint_best_weights(checkpoint, model), int(meta["feature_dim"]))
 
 
-def start_model(config: TrainJobConfig, data: TrainingData, start: InitialModel | None) -> CaptionModel:
+def start_model(config: TrainJobConfig, data: TrainingData, start: InitialModel | None) -> Decoder:
     """The model a job trains: fresh, or with the weights of ``scst.init_from``."""
     if start is not None and start.feature_dim != data.features.dim:
         raise ConfigError(f"scst.init_from ({start.source}) was trained on {start.feature_dim}-d features but "
                           f"data.features has {data.features.dim}-d ones; use the features of the same backbone")
-    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed)
+    model = build_model(config.model, data.vocab, data.features.dim, config.train.seed, data.regions)
     if start is not None:
         model.set_weights(start.weights)
     return model

@@ -91,8 +91,8 @@ class Backbone:
 
 
 def _lite(name: str) -> Backbone:
-    size = LITE_VARIANTS[name].input_size
-    return Backbone(name, "lite", "", "", size, FEATURE_DIM, grid_size(size), "avg")
+    side = LITE_VARIANTS[name].input_size  # square: the variant's native resolution
+    return Backbone(name, "lite", "", "", (side, side), FEATURE_DIM, grid_size(side), "avg")
 
 
 BACKBONES: dict[str, Backbone] = {

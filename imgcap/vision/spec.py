@@ -38,6 +38,14 @@ class EmbeddingSpec:
         name, _, pooling = tag.partition("/")
         return cls(name, pooling or "default")
 
+    @property
+    def regions(self) -> int:
+        """Region features per image: the backbone's grid (h x w) for pooling "none", else 1 (one vector)."""
+        if self.pooling != "none":
+            return 1
+        height, width = get_backbone(self.backbone).grid
+        return height * width
+
     def imaging(self, max_pixels: int = ImagingOptions.max_pixels) -> ImagingOptions:
         """The imaging options for this backbone's input size (`max_pixels` is a safety cap, not a choice
         that changes features, so it is the job's and not recorded)."""
