@@ -85,19 +85,15 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
 
 
 def _caption_command(args: argparse.Namespace) -> int:
+    from imgcap.captioner import Captioner
     from imgcap.config.model import DecodeConfig
-    from imgcap.model.photos import caption_photos
 
     weights = None if args.weights == "none" else args.weights
     decode = DecodeConfig(beam_width=args.beam_width) if args.beam_width else None
-    failed = 0
-    for result in caption_photos(args.bundle, args.photos, weights, decode):
-        if result.caption is None:
-            failed += 1
-            print(f"{result.path}\terror: {result.error}")
-        else:
-            print(f"{result.path}\t{result.caption}")
-    return 1 if failed else 0
+    results = Captioner.load(args.bundle, weights, decode).caption(args.photos)
+    for result in results:
+        print(f"{result.source}\t{result.caption if result.error is None else 'error: ' + result.error}")
+    return 1 if any(r.error for r in results) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,8 +1,11 @@
-"""Caption a features table with a model bundle on Ray Data; BLEU reports where references exist.
+"""The main job: caption image collections and archives (or a features table) with a model bundle on Ray
+Data; Parquet captions, an HTML contact sheet, and BLEU reports where references exist (imgcap.batch.caption).
 
-Local:        python jobs/caption.py --config configs/caption_flickr8k.toml
-On a cluster: ray job submit --working-dir . -- python jobs/caption.py --config configs/caption_flickr8k.toml
-Overrides:    --set decode.beam_width=5 --set actors=2
+Local:        python jobs/caption.py --config configs/caption_images.toml
+On a cluster: ray job submit --working-dir . -- python jobs/caption.py --config configs/caption_s3_example.toml
+Features:     python jobs/caption.py --config configs/caption_flickr8k.toml
+Overrides:    --set decode.beam_width=5 --set cnn.actors=2 --set output_dir='"../runs/mine"'
+Exit codes:   0 done; 2 a bad config or input (the message names the key or file).
 """
 
 import sys

@@ -35,6 +35,7 @@ from imgcap.config.training import TrainJobConfig
 from imgcap.data.synthetic import demo_dataset_paths, make_shapes_dataset
 from imgcap.io.storage import S3Options
 from imgcap.train.ray_job import DistributedTrainResult, train_on_ray
+from imgcap.vision.spec import EmbeddingSpec
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,17 @@ def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = No
         else:
             missing = [k for k in ("images", "captions") if not table.get(k)]
             require(not missing, f"{' and '.join(missing)} required (or demo_images > 0 for the demo data)")
-            images, captions = table["images"], str(base / table["captions"])
-            train_split = str(base / table["train_split"]) if table.get("train_split") else None
-            dev_split = str(base / table["dev_split"]) if table.get("dev_split") else None
+            images, captions = table["images"], str((base / table["captions"]).resolve())
+            train_split = str((base / table["train_split"]).resolve()) if table.get("train_split") else None
+            dev_split = str((base / table["dev_split"]).resolve()) if table.get("dev_split") else None
         features = str(work_dir / "features")
         extract = copy.deepcopy(table.get("extract", {}))
         extract.update(sources=[{"path": images}], output_dir=features)
         train = copy.deepcopy(table.get("train", {}))
         train.setdefault("data", {}).update(captions=captions, features=features, train_split=train_split,
-                                            dev_split=dev_split, backbone=extract.get("backbone", "mobilenet_v2"))
+                                            dev_split=dev_split, backbone=EmbeddingSpec(
+                                                extract.get("backbone", "mobilenet_v2"),
+                                                extract.get("pooling", "default")).tag)
         train["output_dir"] = str(work_dir / "train")
         train_config = _stage_config("train", TrainJobConfig, train, base)
         caption = copy.deepcopy(table.get("caption", {}))

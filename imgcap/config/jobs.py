@@ -60,7 +60,7 @@ class S3Config:
     profile: str | None = None  # a profile of ~/.aws/config; AWS_PROFILE also works
     anonymous: bool = False  # unsigned requests, for public buckets
     # attempts per S3 request (AWS SDK standard retries: 500/503/SlowDown/throttling and connection errors,
-    # exponential backoff with jitter); beyond them a read task is retried whole, a listing fails
+    # exponential backoff with jitter); beyond them a shard is read again in its task, a listing fails
     max_attempts: int = 10
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class ExtractConfig(ActorPoolConfig):
     output_dir: str = "runs/features"  # Parquet directory or URI (s3://...); a rerun skips images already there
     backbone: str = "mobilenet_v2"  # one of imgcap.vision.backbones.BACKBONES
     weights: Literal["imagenet", "none"] = "imagenet"  # "none": random init (tests only)
-    weights_file: str | None = None  # a local Keras weights file; overrides `weights`
+    weights_file: str | None = None  # a local weights file (Keras .h5, or .pth for efficientnet_lite*): wins
     pooling: Literal["default", "avg", "max", "none"] = "default"  # "none": the whole grid (attention)
     feature_dtype: Literal["float32", "float16"] = "float32"  # float16 halves grids on disk and in training
     extensions: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp",
@@ -108,7 +108,7 @@ class CnnConfig(ActorPoolConfig):
     CNN's weights and the pool (backbone, pooling and imaging come from the bundle, so photos are embedded as
     its training features were)."""
     weights: Literal["imagenet", "none"] = "imagenet"
-    weights_file: str | None = None  # a local Keras weights file; overrides `weights`
+    weights_file: str | None = None  # a local weights file (Keras .h5, or .pth for efficientnet_lite*): wins
     batch_size: int = 32  # images per CNN forward pass (and caption-decoding call)
 
     def __post_init__(self) -> None:

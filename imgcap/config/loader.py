@@ -129,6 +129,4 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-# --- feature extraction (jobs/extract_features.py)
-
 

@@ -1,46 +1,8 @@
-"""Image sources for feature extraction: local directories, list files, S3 prefixes and archives.
-
-Listing runs on the driver and yields one `ImageRef` per image (no pixel data); reading runs in Ray tasks,
-one *shard* of refs at a time, so only URIs travel to the workers and every worker reads its own bytes.
-
-What a source path means (decided by `list_images`, in this order):
-
-- `*.tar`, `*.tar.gz`, `*.tgz`, `*.zip` (local or `s3://`): an archive; its image members are listed without
-  unpacking. Member source URIs read `archive.tar!member/path.jpg`. Members of an uncompressed tar are read by
-  byte range (random access, any shard size); members of a zip through the zip's central directory; a
-  compressed tar can only be streamed, so each compressed tar is read by one task from start to end.
-- `s3://bucket/key.jpg` (an image extension): that object; `s3://bucket/prefix`: every image under the prefix,
-  treated as a directory (`s3://b/photos` lists `photos/...`, not `photos2/...`).
-- a local directory: every file whose extension is an image extension (case-insensitive), recursively unless
-  `recursive = false`; symlinked files are included (a dangling one becomes an error row), symlinked
-  directories are not followed.
-- `*.txt`, `*.lst`, `*.list`: a list file, one path or URI per line (blank lines and `# comments` skipped),
-  relative paths relative to the list file; lines may name images or archives. Listed images are not checked
-  for existence here: a missing one becomes an error row when read.
-- any other local file with an image extension: that image.
-
-Hidden names (starting with `.`, e.g. macOS `._x.jpg` resource forks) and `__MACOSX/` members are skipped.
-
-Image ids (`id_from`) are the file name without its extension (`"stem"`: `1000268201_693b08cb0e.jpg` ->
-`1000268201_693b08cb0e`, the Flickr convention, which caption files use), the path relative to the source root
-*with* its extension (`"relpath"`: `photos/a.jpg` and `photos/a.png` stay two images; unique within a source),
-or the whole source URI (`"uri"`: unique across sources, archives included). Two images with the same id are
-a `SourceError` naming both, never a silent drop.
-
-All bytes, read or written, go through `pyarrow.fs` (`filesystem_for`): a local path or any URI pyarrow
-knows (`s3://`, `gs://`, ...), with the S3 options below applied to `s3://`. pyarrow does the S3 listing,
-ranged reads (archive members) and writes; this module adds what it lacks: telling directories, list files,
-images and archives apart, reading archive members in place, image ids, and sharding reads into tasks.
-
-S3 access uses the AWS SDK's usual sources: credentials from the environment / shared config / instance
-role, `AWS_PROFILE` or the `profile` option, `AWS_ENDPOINT_URL` or the `endpoint_url` option for
-S3-compatible stores (MinIO, Ceph, moto), and `anonymous = true` for public buckets.
-
-Faults: every S3 request is retried by the AWS SDK (`max_attempts`, standard mode: 500, 503, SlowDown,
-throttling and connection errors, exponential backoff with jitter). A read still failing with one of those
-after that is raised out of `read_shard` as `TransientReadError`, so the shard is read again inside its task
-(`imgcap.batch.reading.shard_rows`) instead of its images becoming error rows; an image that cannot be read
-for good (missing key, access denied, corrupt archive) is an error row. Listing fails fast naming the URI.
+"""Image sources: local directories, list files, archives (``.tar``, ``.tar.gz``, ``.zip``) and ``s3://``
+prefixes, listed into `ImageRef`s on the driver (ids, unique per job) and read shard by shard in Ray tasks
+(archive members in place, by byte range where the archive allows). A bad image or archive becomes an error
+row; only a storage error still transient after the filesystem's retries is raised (`TransientReadError`).
+What a source path means and how ids are made: docs/captioning.md; storage errors: docs/faults.md.
 """
 
 from __future__ import annotations
@@ -310,7 +272,7 @@ def _permanent_error(exc: BaseException) -> str:
     """The error row's text for an image that cannot be read for good; a transient failure is raised again as
     `TransientReadError` instead (it must not become a row)."""
     if is_transient(exc):
-        raise TransientReadError(f"transient storage error (the read task is retried): {exc}") from exc
+        raise TransientReadError(f"transient storage error (the shard is read again): {exc}") from exc
     return f"unreadable: {type(exc).__name__}: {exc}"
 
 

@@ -3,7 +3,7 @@
 A bundle is a directory with
 
 - ``bundle.json``: format version, text / decoding config, feature dimension, the embedding that made the
-  training features (`imgcap.vision.embedder.EmbeddingSpec`: backbone, pooling, resize, resample, JPEG draft, so
+  training features (`imgcap.vision.spec.EmbeddingSpec`: backbone, pooling, resize, resample, JPEG draft, so
   new photos are embedded exactly as those features were), one entry per model (its `ModelConfig` and
   weights file) and the provenance: the training config and metrics that produced each model;
 - ``vocab.json``: the vocabulary (words in id order and the text mode);

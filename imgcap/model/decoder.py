@@ -86,7 +86,7 @@ class CaptionModel(keras.Model):
     def hidden_states(self, inputs: tuple[tf.Tensor, tf.Tensor], training: bool = False) -> tf.Tensor:
         """Teacher forcing up to the classifier: (features [B, D], tokens [B, T]) -> [B, T, H].
 
-        `call` is `classifier(hidden_states(...))`; a sampled-softmax loss (imgcap.train.loop) takes these and the
+        `call` is `classifier(hidden_states(...))`; a sampled-softmax loss (imgcap.train.losses) takes these and the
         classifier's weights instead of the logits over the whole vocabulary.
         """
         features, tokens = inputs

@@ -48,7 +48,7 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class ImagingOptions:
     """How images become arrays: `size` is (height, width) of the backbone input. Recorded with the features
-    and in every model bundle (see imgcap.vision.embedder.EmbeddingSpec), so new photos get the same pixels."""
+    and in every model bundle (see imgcap.vision.spec.EmbeddingSpec), so new photos get the same pixels."""
 
     size: tuple[int, int] = (224, 224)
     resize: Literal["stretch", "center_crop"] = "stretch"
