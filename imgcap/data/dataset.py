@@ -121,7 +121,7 @@ class TrainingData:
     """Everything training reads: vocabulary, features of train+dev images, examples and dev references."""
 
     vocab: Vocabulary
-    features: FeatureTable  # train images first, then dev images
+    features: FeatureTable  # every image of the features file; examples name their rows
     embedding: EmbeddingSpec | None  # how the features were made, when the features file records it
     train_ids: list[str]
     dev_ids: list[str]
@@ -171,12 +171,11 @@ def prepare_training_data(data: DataConfig, text: TextConfig, vocab: Vocabulary 
         vocab = Vocabulary.build((c for caps in train_tokens.values() for c in caps), text.min_count, text.mode)
     elif vocab.mode != text.mode:
         raise ValueError(f"the vocabulary was built with text mode {vocab.mode!r} but text.mode is {text.mode!r}")
-    ordered = list(train_tokens) + list(dev_tokens)
-    features = table.select(ordered)
-    rows = features.index()
+    # Examples name their image's row of the whole table: no copy of the features (a grid table is GBs).
+    rows = table.index()
     return TrainingData(
         vocab=vocab,
-        features=features,
+        features=table,
         train_ids=list(train_tokens),
         dev_ids=list(dev_tokens),
         train=build_examples(train_tokens, rows, vocab, text.max_length),

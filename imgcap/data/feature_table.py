@@ -94,7 +94,8 @@ def load_features(path: str | Path) -> FeatureTable:
                 features = features.astype(np.float32)
         return FeatureTable(ids, features, [f"{path}#{i}" for i in ids])
     table = pq.read_table(path, columns=["image_id", "source", "feature", "error"])
-    table = table.filter(pa.compute.is_null(table["error"]))
+    if table["error"].null_count != table.num_rows:  # filtering copies every feature: only when rows must go
+        table = table.filter(pa.compute.is_null(table["error"]))
     if table.num_rows == 0:
         raise ValueError(f"{path}: no image has a feature (every row is empty or has an error)")
     ids = table["image_id"].to_pylist()

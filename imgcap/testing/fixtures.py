@@ -12,20 +12,22 @@ import numpy as np
 from PIL import Image
 
 
-def untrained_bundle(directory: str | Path) -> str:
-    """A bundle of a real but untrained merge decoder over `thumbnail` features (no CNN weights needed): it
-    captions deterministically, fast, from any image. For the tests and the fault benchmarks, where what is
-    measured is that every image gets its row, not what the caption says. Returns the bundle directory."""
+def untrained_bundle(directory: str | Path, architecture: str = "merge") -> str:
+    """A bundle of a real but untrained decoder over `thumbnail` features (no CNN weights needed): it captions
+    deterministically, fast, from any image. For the tests and the fault benchmarks, where what is measured is
+    that every image gets its row, not what the caption says. "attention" reads the thumbnail's 16x16 grid of
+    RGB cells as 256 regions (pooling "none"). Returns the bundle directory."""
     from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
     from imgcap.data.text import Vocabulary
     from imgcap.model.bundle import CaptionBundle
     from imgcap.model.decoder import build_model
     from imgcap.vision.spec import EmbeddingSpec
 
+    spec = EmbeddingSpec("thumbnail", "none" if architecture == "attention" else "default")
     vocab = Vocabulary.build([["a", "red", "dog"], ["a", "blue", "cat"]], 1, "standard")
-    model = build_model(ModelConfig(embedding_dim=16, units=16), vocab, 768, seed=0)
-    bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6),
-                           EmbeddingSpec("thumbnail"))
+    config = ModelConfig(architecture=architecture, embedding_dim=16, units=16, attention_dim=8)  # type: ignore[arg-type]
+    model = build_model(config, vocab, 768, seed=0, regions=spec.regions)
+    bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6), spec)
     return str(bundle.save(directory))
 
 
