@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (registers pa.compute, used below and by load_features)
-import pyarrow.parquet as pq
+import pyarrow.dataset as pads
 
 FeatureDtype = Literal["float32", "float16"]
 _ARROW_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -93,15 +93,32 @@ def load_features(path: str | Path) -> FeatureTable:
             if features.dtype not in (np.float16, np.float32):
                 features = features.astype(np.float32)
         return FeatureTable(ids, features, [f"{path}#{i}" for i in ids])
-    table = pq.read_table(path, columns=["image_id", "source", "feature", "error"])
-    if table["error"].null_count != table.num_rows:  # filtering copies every feature: only when rows must go
-        table = table.filter(pa.compute.is_null(table["error"]))
-    if table.num_rows == 0:
+    return _read_parquet_features(path)
+
+
+def _read_parquet_features(path: Path) -> FeatureTable:
+    """Stream a Parquet file or directory batch by batch into one preallocated matrix: memory peaks at the
+    matrix plus one batch, not at twice the table (grids of a few thousand photos are GBs)."""
+    dataset = pads.dataset(path, format="parquet", exclude_invalid_files=False)
+    columns = ["image_id", "source", "feature", "error"]
+    ids: list[str] = []
+    sources: list[str] = []
+    matrix: np.ndarray | None = None
+    for batch in dataset.to_batches(columns=columns, batch_size=256):
+        batch = batch.filter(pa.compute.is_null(batch.column("error")))
+        if not batch.num_rows:
+            continue
+        rows = feature_matrix(batch.column("feature"), dtype=None)
+        if matrix is None:  # sized for every row of the table: error rows only leave its tail unused
+            matrix = np.empty((dataset.count_rows(), rows.shape[1]), dtype=rows.dtype)
+        matrix[len(ids):len(ids) + len(rows)] = rows
+        ids += batch.column("image_id").to_pylist()
+        sources += batch.column("source").to_pylist()
+    if matrix is None:
         raise ValueError(f"{path}: no image has a feature (every row is empty or has an error)")
-    ids = table["image_id"].to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate image ids in the feature table")
-    return FeatureTable(ids, feature_matrix(table["feature"], dtype=None), table["source"].to_pylist())
+    return FeatureTable(ids, matrix[:len(ids)], sources)
 
 
 def feature_rows(image_ids: list[str], sources: list[str], tag: str, features: np.ndarray,
