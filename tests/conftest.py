@@ -1,14 +1,67 @@
-"""Shared fixtures: a local Ray cluster and a real S3 API (moto's server) on 127.0.0.1."""
+"""Shared fixtures (a local Ray cluster, a real S3 API on 127.0.0.1, the toy captioning problem and its trained
+decoders) and the test-cost markers.
+
+Markers (registered in pyproject.toml) say what a test needs beyond this Python process:
+
+- ``ray``: a Ray cluster (``ray_local``, the three-node cluster of test_faults.py, the `ray start` head of
+  test_job_submit.py);
+- ``s3``: moto's S3 server (``s3_server``);
+- ``browser``: headless Chromium (``browser`` of test_html_report.py);
+- ``subprocess``: a child program of the test's own (``python -c``, ``jobs/*.py``, the ``ray`` CLI).
+
+`pytest_collection_modifyitems` adds the first three from the fixtures a test uses, directly or through other
+fixtures; ``subprocess`` is written on the test. A test without any of the four that starts a process fails
+(`_no_unmarked_processes`), so the fast loop (`make test-unit`: ``-m "not slow and not ray and not s3 and
+not browser and not subprocess"``) never starts a cluster, a server, a browser or a child process.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+# Fixture -> the markers of every test that uses it (directly or through another fixture).
+FIXTURE_MARKERS = {
+    "ray_local": ("ray",),
+    "three_nodes": ("ray",),  # test_faults.py: a head and two worker raylets (ray.cluster_utils.Cluster)
+    "ray_head": ("ray", "subprocess"),  # test_job_submit.py: `ray start --head` and `ray job submit`
+    "s3_server": ("s3",),
+    "browser": ("browser",),  # test_html_report.py: headless Chromium
+}
+# A test with one of these may start processes; any other test that does fails.
+PROCESS_MARKERS = ("ray", "browser", "subprocess")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for fixture, markers in FIXTURE_MARKERS.items():
+            if fixture in fixtures:
+                for marker in markers:
+                    if item.get_closest_marker(marker) is None:
+                        item.add_marker(marker)
+
+
+@pytest.fixture(autouse=True)
+def _no_unmarked_processes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test that starts a child process (a Ray cluster included) without a marker saying so."""
+    if any(request.node.get_closest_marker(m) for m in PROCESS_MARKERS):
+        return
+
+    def refuse(self, args, *rest, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args!r}) but is marked none of "
+                             f"{', '.join(PROCESS_MARKERS)}: mark it @pytest.mark.subprocess, or use the fixture "
+                             f"that starts the cluster / browser (tests/conftest.py FIXTURE_MARKERS)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 # moto accepts any credentials; these fakes also guarantee no test ever signs a request with real ones.
 FAKE_AWS_ENV = {
@@ -61,3 +114,47 @@ def s3_server() -> Iterator[str]:
             patch.delenv(key, raising=False)
         yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@contextmanager
+def nothing_started_on(ray) -> Iterator[None]:
+    """Assert that the block created no actor and no placement group on the Ray cluster: what it refused was
+    refused before any worker, actor or Ray Train run existed."""
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # this cluster's, not whichever else runs on the machine
+
+    def actors() -> dict[str, str]:
+        return {a.actor_id: a.class_name
+                for a in list_actors(address=address, limit=10_000, raise_on_missing_output=False)}
+
+    actors_before, groups_before = actors(), set(ray.util.placement_group_table())
+    yield
+    new_actors = {k: v for k, v in actors().items() if k not in actors_before}
+    new_groups = set(ray.util.placement_group_table()) - groups_before
+    assert not new_actors and not new_groups, f"started actors {sorted(new_actors.values())}, placement groups {new_groups}"
+
+
+# --- the toy captioning problem (tests/toy.py) and decoders trained on it once per session
+
+
+@pytest.fixture(scope="session")
+def toy():
+    """The toy problem split for training (`toy.ToyTraining`)."""
+    from toy import make_toy_training
+
+    return make_toy_training()
+
+
+@pytest.fixture(scope="session")
+def toy_models(toy):
+    """Toy decoders trained once per session, by architecture (`toy.ToyModels.trained`)."""
+    from toy import ToyModels
+
+    return ToyModels(toy)
+
+
+@pytest.fixture(params=["merge", "inject"])
+def trained_toy(request, toy_models):
+    """Each architecture's toy decoder after 6 cross-entropy epochs (shared: tests must not train it further)."""
+    return toy_models.trained(request.param)

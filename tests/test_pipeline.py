@@ -11,6 +11,7 @@ import pytest
 from imgcap.batch.caption import run_caption_job
 from imgcap.batch.caption_outputs import CAPTION_SCHEMA
 from imgcap.batch.pipeline import load_pipeline_config, run_pipeline
+from imgcap.captioner import Captioner
 from imgcap.config.jobs import CaptionJobConfig, CnnConfig, SourceConfig
 from imgcap.config.loader import ConfigError
 from imgcap.config.model import DecodeConfig
@@ -19,7 +20,6 @@ from imgcap.io.outputs import OutputDirectory
 from imgcap.io.storage import S3Options
 from imgcap.metrics.evaluate import nltk_corpus_bleu
 from imgcap.model.bundle import load_bundle
-from imgcap.model.photos import caption_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,11 +123,11 @@ def test_images_to_captions_matches_the_features_path(demo_run, tmp_path):
     assert "report.html" in from_images.format() and "report.parquet" in from_images.format()
 
 
-def test_caption_photos_matches_the_batch_job(demo_run):
+def test_the_captioner_matches_the_batch_job(demo_run):
     config, result = demo_run
     images = Path(config.extract.sources[0].path)
     photos = [str(images / "shapes_00003.jpg"), str(images / "missing.jpg")]
-    single = caption_photos(result.training.bundle_path, photos, weights=None)
+    single = Captioner.load(result.training.bundle_path, weights=None).caption(photos)
     assert single[1].caption is None and "No such file" in single[1].error
     table = load_features(config.extract.output_dir).select(["shapes_00003"])
     assert single[0].caption == " ".join(load_bundle(result.training.bundle_path).caption(table.features)[0])
@@ -143,6 +143,7 @@ def test_pipeline_config_errors_name_the_stage_key(tmp_path):
         load_pipeline_config(bad)
 
 
+@pytest.mark.subprocess
 def test_job_entrypoint_exits_2_on_a_config_error(tmp_path):
     bad = tmp_path / "p.toml"
     bad.write_text('demo_images = 10\n[extract]\nbackbone = "alexnet"\n')

@@ -79,3 +79,67 @@ def write_toy_job_files(root: Path) -> dict[str, str]:
     return {"captions": str(root / "captions.txt"), "features": str(root / "features.npz"),
             "train_split": str(root / "train.txt"), "dev_split": str(root / "dev.txt")}
 
+
+
+# --- toy decoders trained once per test session (tests/conftest.py: `toy`, `toy_models`, `trained_toy`)
+
+TOY_MODEL = {"embedding_dim": 32, "units": 64, "dropout": 0.1}
+
+
+def fit_toy(trainer, toy: ToyTraining):
+    """Cross-entropy training of `trainer` on the toy problem, as `imgcap train` runs a phase; returns the
+    `TrainingState` and the `DevEvaluator` it used."""
+    from imgcap.train.batches import CaptionBatches
+    from imgcap.train.evaluation import DevEvaluator
+    from imgcap.train.loop import fit
+    from imgcap.train.state import TrainingState
+
+    evaluator = DevEvaluator(trainer.model, toy.vocab, toy.dev, toy.table.features, toy.dev_features,
+                             toy.dev_references)
+    stream = np.random.default_rng(0)
+    batches = CaptionBatches(toy.train, toy.table.features, trainer.config.batch_size, lambda _: stream)
+    state = fit(trainer, evaluator, TrainingState("xe"), batches, num_images=320, num_captions=len(toy.train),
+                progress=False)
+    return state, evaluator
+
+
+def dev_loss(model, toy: ToyTraining) -> float:
+    """The full-softmax dev loss of `model` on the toy problem."""
+    from imgcap.train.evaluation import DevEvaluator
+
+    return DevEvaluator(model, toy.vocab, toy.dev, toy.table.features, toy.dev_features, toy.dev_references).loss()
+
+
+@dataclass(frozen=True)
+class TrainedToy:
+    """A toy decoder after 6 cross-entropy epochs: the model, its dev loss before training, the training state."""
+
+    architecture: str
+    model: object  # imgcap.model.decoder.CaptionModel
+    vocab: Vocabulary
+    loss_before: float
+    state: object  # imgcap.train.state.TrainingState
+
+
+class ToyModels:
+    """Toy decoders (merge, inject) trained once per session and shared by the tests that only read them
+    (decoding, bundles, the training loop's outcome). A test that trains further builds its own model."""
+
+    def __init__(self, toy: ToyTraining) -> None:
+        self.toy = toy
+        self._trained: dict[str, TrainedToy] = {}
+
+    def trained(self, architecture: str) -> TrainedToy:
+        if architecture not in self._trained:
+            from imgcap.config.model import ModelConfig
+            from imgcap.config.training import TrainConfig
+            from imgcap.model.decoder import build_model
+            from imgcap.train.trainer import CaptionTrainer
+
+            config = TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, patience=0, select_by="loss")
+            model = build_model(ModelConfig(architecture=architecture, **TOY_MODEL), self.toy.vocab,
+                                self.toy.table.dim, seed=0)
+            before = dev_loss(model, self.toy)
+            state, _ = fit_toy(CaptionTrainer(model, config), self.toy)
+            self._trained[architecture] = TrainedToy(architecture, model, self.toy.vocab, before, state)
+        return self._trained[architecture]
