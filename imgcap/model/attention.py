@@ -23,6 +23,7 @@ from keras import layers
 
 from imgcap.config.model import ModelConfig
 from imgcap.data.text import PAD_ID
+from imgcap.model.words import word_embedding
 
 AttentionImage = tuple[tf.Tensor, tf.Tensor]  # (region values [B, R, A], region keys [B, R, A])
 AttentionState = tuple[tf.Tensor, tf.Tensor]  # (LSTM h, LSTM c)
@@ -41,12 +42,7 @@ class AttentionCaptionModel(keras.Model):
         self.config, self.vocab_size, self.feature_dim, self.regions = config, vocab_size, feature_dim, regions
         self.channels = feature_dim // regions
         units = config.units
-        embedding_kwargs = {}
-        if embedding_matrix is not None:
-            embedding_kwargs["embeddings_initializer"] = keras.initializers.Constant(embedding_matrix)
-        self.embedding = layers.Embedding(vocab_size, config.embedding_dim, name="embedding",
-                                          trainable=config.glove_trainable or embedding_matrix is None,
-                                          **embedding_kwargs)
+        self.embedding = word_embedding(config, vocab_size, embedding_matrix)
         self.embedding_dropout = layers.Dropout(config.embedding_dropout)
         self.image_dropout = layers.Dropout(config.dropout)
         # The regions are projected once per image to `attention_dim` channels: the values the context mixes and

@@ -28,6 +28,7 @@ from imgcap.config.model import ModelConfig
 from imgcap.data.glove import glove_embedding_matrix
 from imgcap.data.text import Vocabulary
 from imgcap.model.attention import AttentionCaptionModel
+from imgcap.model.words import word_embedding
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,7 @@ class CaptionModel(keras.Model):
         super().__init__(**kwargs)
         self.config, self.vocab_size, self.feature_dim = config, vocab_size, feature_dim
         self.image_dropout = layers.Dropout(config.dropout)
-        embedding_kwargs = {}
-        if embedding_matrix is not None:
-            embedding_kwargs["embeddings_initializer"] = keras.initializers.Constant(embedding_matrix)
-        self.embedding = layers.Embedding(vocab_size, config.embedding_dim, name="embedding",
-                                          trainable=config.glove_trainable or embedding_matrix is None,
-                                          **embedding_kwargs)
+        self.embedding = word_embedding(config, vocab_size, embedding_matrix)
         self.embedding_dropout = layers.Dropout(config.embedding_dropout)
         self.lstm = layers.LSTM(config.units, return_sequences=True, return_state=True, name="lstm")
         self.output_dropout = layers.Dropout(config.dropout)
