@@ -42,7 +42,7 @@ def one_epoch_model(toy):
 
 def scst_batches(toy, model, config: ScstConfig) -> SelfCriticalBatches:
     return SelfCriticalBatches(model, toy.vocab, CiderD(toy.train_references), toy.table.features, np.arange(320),
-                               config, config.batch_size, lambda epoch: np.random.default_rng([7, epoch]))
+                               np.arange(320), config, config.batch_size, lambda epoch: np.random.default_rng([7, epoch]))
 
 
 def test_mean_baseline_advantages_sum_to_zero_per_image_and_targets_are_the_samples(toy, one_epoch_model):
@@ -108,3 +108,34 @@ def test_scst_dropout_false_scores_the_samples_with_the_policy_that_sampled_them
     regularised = CaptionTrainer(model, config.train_config(TrainConfig()), dropout=phase(True).dropout)
     expected = as_sampled()
     assert regularised.train_step(batch) != pytest.approx(expected, rel=1e-3)
+
+
+def test_each_image_is_rewarded_against_its_own_references_whatever_the_feature_table_order(tmp_path):
+    """The feature table is kept in the order it was written (extraction's, not the split's): the self-critical
+    batches must still pair every image's feature with its references."""
+    from toy import write_toy_job_files
+
+    from imgcap.config.model import ModelConfig, TextConfig
+    from imgcap.config.training import DataConfig, TrainJobConfig
+    from imgcap.data.dataset import prepare_training_data
+    from imgcap.model.decoder import build_model
+    from imgcap.train.batches import phase_batches
+    from imgcap.train.state import training_phases
+
+    files = write_toy_job_files(tmp_path)
+    with np.load(files["features"]) as npz:
+        order = np.random.default_rng(0).permutation(len(npz["ids"]))
+        np.savez(tmp_path / "shuffled.npz", ids=npz["ids"][order], features=npz["features"][order])
+    rewards = []
+    for features in (files["features"], str(tmp_path / "shuffled.npz")):
+        job = TrainJobConfig(data=DataConfig(**{**files, "features": features}), text=TextConfig(min_count=1),
+                             model=ModelConfig(embedding_dim=8, units=16), scst=ScstConfig(enabled=True, batch_size=16))
+        data = prepare_training_data(job.data, job.text)
+        model = build_model(job.model, data.vocab, data.features.dim, seed=0)
+        batches, _ = phase_batches(training_phases(job)[-1], job, data, model).epoch(0)
+        batch = next(batches)
+        rewards.append((batch.features, batch.targets, batch.weights))
+    np.testing.assert_array_equal(rewards[0][0], rewards[1][0])  # the same images in the same batch,
+    np.testing.assert_array_equal(rewards[0][1], rewards[1][1])  # the same samples,
+    np.testing.assert_allclose(rewards[0][2], rewards[1][2])  # the same advantages
+

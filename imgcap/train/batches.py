@@ -54,11 +54,13 @@ def phase_batches(phase: Phase, job: TrainJobConfig, data: TrainingData, model: 
         num_batches = max(math.ceil(len(data.train.shard(r, world_size)) / batch_size) for r in range(world_size))
         return CaptionBatches(data.train.shard(rank, world_size), features, batch_size, rng_for_epoch,
                               num_batches if world_size > 1 else None)
-    rows = np.arange(len(data.train_ids))  # the training images are the first rows of the feature table
-    num_batches = max(math.ceil(len(rows[r::world_size]) / batch_size) for r in range(world_size))
+    images = np.arange(len(data.train_ids))  # training image k: reward references k, features row rows[k]
+    where = data.features.index()
+    rows = np.array([where[i] for i in data.train_ids], dtype=np.int64)
+    num_batches = max(math.ceil(len(images[r::world_size]) / batch_size) for r in range(world_size))
     reward = CiderD([data.train_references[i] for i in data.train_ids])
-    return SelfCriticalBatches(model, data.vocab, reward, features, rows[rank::world_size], job.scst, batch_size,
-                               rng_for_epoch, num_batches if world_size > 1 else None)
+    return SelfCriticalBatches(model, data.vocab, reward, features, rows, images[rank::world_size], job.scst,
+                               batch_size, rng_for_epoch, num_batches if world_size > 1 else None)
 
 
 def phase_sizes(phase: Phase, job: TrainJobConfig, data: TrainingData) -> tuple[int, int]:

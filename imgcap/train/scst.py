@@ -35,16 +35,16 @@ from imgcap.model.decoder import Decoder
 class SelfCriticalBatches:
     """The batches of one worker's images for self-critical training, epoch by epoch.
 
-    `image_rows` are this worker's rows of `features`; row r's references are image r of `reward` (the
-    training images come first in the feature table, in the same order as the references). `num_batches`
+    Training image k has the references k of `reward` and the feature `features[feature_rows[k]]`; `images`
+    are this worker's training images (indices k). `num_batches`
     makes every data-parallel worker take the same number of steps (cycling a short shard).
     """
 
     def __init__(self, model: Decoder, vocab: Vocabulary, reward: CiderD, features: np.ndarray,
-                 image_rows: np.ndarray, config: ScstConfig, batch_size: int,
+                 feature_rows: np.ndarray, images: np.ndarray, config: ScstConfig, batch_size: int,
                  rng_for_epoch: Callable[[int], np.random.Generator], num_batches: int | None = None) -> None:
-        self.reward, self.features, self.config = reward, features, config
-        self.image_rows, self.batch_size, self.num_batches = np.asarray(image_rows), batch_size, num_batches
+        self.reward, self.features, self.feature_rows, self.config = reward, features, feature_rows, config
+        self.images, self.batch_size, self.num_batches = np.asarray(images), batch_size, num_batches
         self._rng_for_epoch = rng_for_epoch
         self._sampler = CaptionSampler(model, config.samples, config.temperature, config.max_length)
         self._greedy = GreedyDecoder(model, config.max_length) if config.baseline == "greedy" else None
@@ -56,7 +56,7 @@ class SelfCriticalBatches:
     def epoch(self, epoch: int) -> tuple[Iterator[Batch], int]:
         """The batches of epoch `epoch` (0-based) and how many there are; images shuffled per epoch."""
         rng = self._rng_for_epoch(epoch)
-        order = rng.permutation(self.image_rows)
+        order = rng.permutation(self.images)
         batches = [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
         if self.num_batches is not None:
             batches = [batches[k % len(batches)] for k in range(self.num_batches)]
@@ -73,14 +73,13 @@ class SelfCriticalBatches:
 
     def _batches(self, batches: list[np.ndarray], rng: np.random.Generator) -> Iterator[Batch]:
         k = self.config.samples
-        for rows in batches:
-            features = self.features[rows]
+        for batch_images in batches:
+            features = self.features[self.feature_rows[batch_images]].astype(np.float32, copy=False)
             ids = self._sampler.sample(features, rng.integers(0, 2**62, size=2))
-            images = np.repeat(rows, k)
-            rewards = self.rewards(ids, images)
+            rewards = self.rewards(ids, np.repeat(batch_images, k))
             self._rewards.append(rewards)
             if self._greedy is not None:
-                baseline = np.repeat(self.rewards(self._greedy.search(features), rows), k)
+                baseline = np.repeat(self.rewards(self._greedy.search(features), batch_images), k)
             else:
                 per_image = rewards.reshape(-1, k)
                 baseline = ((per_image.sum(axis=1, keepdims=True) - per_image) / (k - 1)).reshape(-1)
