@@ -1,11 +1,18 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make demo   - install into .venv, then run the main job on the embedded demo data
-#   make test   - install into .venv (with test extras), then run the test suite
+#   make demo      - install into .venv, then run the main job on the embedded demo data
+#   make test      - install into .venv (with test extras), then run the test suite (all but `slow`; what CI runs)
+# and, for working on the code:
+#   make test-unit - the fast loop: the tests that need no Ray cluster, S3 server, browser or child process
+#   make test-all  - every test, the slow ones (full-scale Flickr8k, many images) included
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# The markers of tests that need more than this Python process (registered in pyproject.toml, set by tests/conftest.py).
+INTEGRATION = ray or s3 or browser or subprocess
+# Extra pytest arguments, e.g. make test PYTEST_ARGS="--durations=25 -x"
+PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench clean browser
+.PHONY: demo test test-unit test-all bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +32,13 @@ browser:
 		echo "chromium could not be installed: the HTML report tests will be skipped"
 
 test: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow and not ($(INTEGRATION))" -q $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_captioner.py

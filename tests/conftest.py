@@ -11,8 +11,8 @@ Markers (registered in pyproject.toml) say what a test needs beyond this Python 
 
 `pytest_collection_modifyitems` adds the first three from the fixtures a test uses, directly or through other
 fixtures; ``subprocess`` is written on the test. A test without any of the four that starts a process fails
-(`_no_unmarked_processes`), so the fast loop (`make test-unit`: ``-m "not slow and not ray and not s3 and
-not browser and not subprocess"``) never starts a cluster, a server, a browser or a child process.
+(`_no_unmarked_processes`), so the fast loop (`make test-unit`: ``-m "not slow and not (ray or s3 or browser
+or subprocess)"``) never starts a cluster, a server, a browser or a child process.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def _no_unmarked_processes(request: pytest.FixtureRequest, monkeypatch: pytest.M
                              f"that starts the cluster / browser (tests/conftest.py FIXTURE_MARKERS)")
 
     monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
 
 # moto accepts any credentials; these fakes also guarantee no test ever signs a request with real ones.
 FAKE_AWS_ENV = {

@@ -7,7 +7,12 @@ import tensorflow as tf
 
 from imgcap.config.model import DecodeConfig
 from imgcap.data.text import END_ID, PAD_ID, START_ID, UNK_ID
-from imgcap.model.beam import BeamSearchDecoder, CaptionSampler, GreedyDecoder, make_decoder
+from imgcap.model.beam import (
+    BeamSearchDecoder,
+    CaptionSampler,
+    GreedyDecoder,
+    make_decoder,
+)
 
 
 def test_beam_width_one_equals_greedy(trained_toy, toy):

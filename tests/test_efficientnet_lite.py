@@ -65,7 +65,7 @@ def test_sha256_mismatch_is_refused_and_a_different_file_gets_its_own_cache_key(
     data[-4] ^= 0x01  # lowest mantissa byte of the last stored float: still a valid file, different weights
     copy.write_bytes(bytes(data))
     actual = torch_weights.file_sha256(copy)
-    with pytest.raises(lite.EfficientNetLiteError) as error:
+    with pytest.raises(torch_weights.TorchWeightsError) as error:
         torch_weights.verify_sha256(copy, LITE2.sha256)
     assert str(copy) in str(error.value) and LITE2.sha256 in str(error.value) and actual in str(error.value)
     assert lite.weights_cache_path(LITE2.name, actual) != lite.weights_cache_path(LITE2.name, LITE2.sha256)

@@ -220,6 +220,7 @@ def test_attention_trains_on_two_workers_and_a_rerun_continues_it(ray_local, toy
     assert second.continued_from == str(Path(first.run_dir) / "checkpoint_epoch_0001") and second.trained
     assert [h.epoch for h in second.history] == [1, 2] and second.history[0] == first.history[0]
 
+
 @pytest.fixture(scope="module")
 def scst_two_workers(ray_local, toy_files, tmp_path_factory):
     """2 workers: 2 cross-entropy epochs, then 3 self-critical ones; the last worker raises once in the middle of
