@@ -1,6 +1,6 @@
 """What the attention decoder costs per image against merge, side by side in one run on the same photos.
 
-    .venv/bin/python benchmarks/bench_attention.py [--output runs/bench_attention.json]
+    .venv/bin/python benchmarks/bench_attention.py [--output runs/bench_attention.json]   # 7-9 min at load 20-30
     .venv/bin/python benchmarks/bench_attention.py --train-steps 8 --scst-steps 4 --decode-images 32 --rounds 2
 
 The two decoders of the Flickr8k configs, each with its own [text] / [model] / [train] / [scst] / [decode]

@@ -1,8 +1,8 @@
 """Feature extraction speed and memory, side by side in one run on the same images.
 
-    RAY_ADDRESS=local .venv/bin/python benchmarks/bench_extract.py      # MobileNetV2, ~10 min on 2 quiet cores
-    RAY_ADDRESS=local .venv/bin/python benchmarks/bench_extract.py --backbone efficientnet_lite2 --repeat 2 \
-        --memory-counts                                                 # Lite2 pooled + grid, no memory part
+    RAY_ADDRESS=local .venv/bin/python benchmarks/bench_extract.py      # MobileNetV2 and the memory part
+    RAY_ADDRESS=local .venv/bin/python benchmarks/bench_extract.py --backbone efficientnet_lite2 --repeat 1 \
+        --batch-size 32 --memory-counts        # Lite2 pooled + grid, no memory part: 7-10 min at load 5-30
     RAY_ADDRESS=local .venv/bin/python benchmarks/bench_extract.py --backbone mobilenet_v2 efficientnet_lite2
 
 Speed, per `--backbone`, on the 300 shared Flickr8k images (224x224 JPEGs) repeated `--repeat` times:
