@@ -127,10 +127,12 @@ def test_transient_s3_errors_are_retried_and_lose_nothing(ray_local, s3_server, 
     assert_exactly_once(output_ids(f"s3://{bucket}/features", S3Options(endpoint_url=s3_server)), expected)
 
 
-def test_reads_failing_past_the_sdk_retries_rerun_their_task(ray_local, s3_server, photos_bucket, tmp_path):
+def test_reads_failing_past_the_sdk_retries_are_read_again_in_their_task(ray_local, s3_server, photos_bucket,
+                                                                          tmp_path):
     bucket, expected = photos_bucket
     # one attempt per request: a failed GET of a photo is not retried by the SDK, so read_shard raises
-    # TransientReadError and Ray Data runs the read task again; no photo may become an error row
+    # TransientReadError and the read task reads the shard again (imgcap.batch.reading.shard_rows); no photo
+    # may become an error row, none may be written twice
     proxy = FlakyS3Proxy(s3_server, fail_every=7, fail_prefix=f"/{bucket}/photos/").start()
     try:
         summary = extract_features(ExtractConfig(
@@ -142,7 +144,6 @@ def test_reads_failing_past_the_sdk_retries_rerun_their_task(ray_local, s3_serve
         proxy.stop()
     assert (summary.ok, summary.failed, summary.missing) == (30, 0, 0)
     assert_exactly_once(output_ids(str(tmp_path / "features")), expected)
-    assert summary.recovery is not None and sum(summary.recovery.task_retries.values()) >= 1
 
 
 class CountingProxy(FlakyS3Proxy):
