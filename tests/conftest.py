@@ -6,7 +6,7 @@ Markers (registered in pyproject.toml) say what a test needs beyond this Python 
 - ``ray``: a Ray cluster (``ray_local``, the three-node cluster of test_faults.py, the `ray start` head of
   test_job_submit.py);
 - ``s3``: moto's S3 server (``s3_server``);
-- ``browser``: headless Chromium (``browser`` of test_html_report.py);
+- ``browser``: headless Chromium (``browser``, `imgcap.testing.browser`);
 - ``subprocess``: a child program of the test's own (``python -c``, ``jobs/*.py``, the ``ray`` CLI).
 
 `pytest_collection_modifyitems` adds the first three from the fixtures a test uses, directly or through other
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import pytest
 
+from imgcap.testing.browser import Browser, chromium_binary
+
 # Fixture -> the markers of every test that uses it (directly or through another fixture).
 FIXTURE_MARKERS = {
     "ray_local": ("ray",),
     "three_nodes": ("ray",),  # test_faults.py: a head and two worker raylets (ray.cluster_utils.Cluster)
     "ray_head": ("ray", "subprocess"),  # test_job_submit.py: `ray start --head` and `ray job submit`
     "s3_server": ("s3",),
-    "browser": ("browser",),  # test_html_report.py: headless Chromium
+    "browser": ("browser",),  # headless Chromium (imgcap.testing.browser)
 }
 # A test with one of these may start processes; any other test that does fails.
 PROCESS_MARKERS = ("ray", "browser", "subprocess")
@@ -159,3 +161,19 @@ def toy_models(toy):
 def trained_toy(request, toy_models):
     """Each architecture's toy decoder after 6 cross-entropy epochs (shared: tests must not train it further)."""
     return toy_models.trained(request.param)
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """Headless Chromium (imgcap.testing.browser), one for the session; skips where it is not installed."""
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("Chromium is not installed (no /usr/bin/chromium, no `chromium` on PATH): "
+                    "the contact sheet is not rendered in a browser")
+    logs = tmp_path_factory.mktemp("chromium")
+    with tempfile.TemporaryDirectory(prefix="imgcap-chromium-") as profile:
+        chrome = Browser(binary, profile, logs / "chromium.log")
+        try:
+            yield chrome
+        finally:
+            chrome.close()

@@ -95,6 +95,20 @@ def test_caption_job_config_keeps_uris_and_resolves_paths(tmp_path):
     assert config.pool.gpus_per_actor == 0 and config.cnn.weights == "imagenet"
 
 
+def test_caption_job_config_defaults_to_the_packaged_model_and_keeps_model_names(tmp_path):
+    from imgcap.config.jobs import CaptionJobConfig
+
+    default = load_config(CaptionJobConfig, write(tmp_path, '[[sources]]\npath = "imgs"\n'))
+    assert default.bundle == "imgcap:flickr8k"
+    named = load_config(CaptionJobConfig, write(tmp_path, '[[sources]]\npath = "imgs"\n'),
+                        {"bundle": "imgcap:flickr8k"})
+    assert named.bundle == "imgcap:flickr8k"  # a name, not resolved against the config's directory
+    local = load_config(CaptionJobConfig, write(tmp_path, 'bundle = "runs/b"\n[[sources]]\npath = "imgs"\n'))
+    assert local.bundle == str(tmp_path / "runs" / "b")
+    with pytest.raises(ConfigError, match="bundle is empty: leave it out for the default model"):
+        load_config(CaptionJobConfig, write(tmp_path, 'bundle = ""\n[[sources]]\npath = "imgs"\n'))
+
+
 # --- every key of every job: a wrong type, an unknown key, each named in the error
 
 import copy  # noqa: E402

@@ -62,6 +62,7 @@ from imgcap.io.outputs import INCOMPLETE_DIR, OutputDirectory
 from imgcap.io.sources import list_images
 from imgcap.io.storage import S3Options, filesystem_for
 from imgcap.metrics.evaluate import EvaluationReport, coco_available, evaluate_captions
+from imgcap.pretrained import DEFAULT_BUNDLE
 from imgcap.runtime.cluster import init_ray
 from imgcap.runtime.fault_injection import fault_point
 from imgcap.runtime.logs import import_tensorflow
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 
 CAPTIONS_DIR = "captions"
 HTML_REPORT = "report.html"
+EXAMPLES = 5  # captions the job's summary shows
 
 
 class BundleCaptioner:
@@ -140,6 +142,8 @@ class CaptionJobResult:
     outputs: dict[str, str]  # what was written: captions, report, scores, html
     failures: tuple[tuple[str, str], ...] = ()
     recovery: Recovery | None = None  # what Ray retried (None: not known, or nothing ran)
+    model: str = ""  # the bundle captioned with, and its fingerprint
+    examples: tuple[tuple[str, str], ...] = ()  # a few (image id, caption) of the output, to see at a glance
 
     @property
     def missing(self) -> int:
@@ -148,7 +152,7 @@ class CaptionJobResult:
 
     def format(self) -> str:
         done = self.captioned + self.failed
-        lines = [f"captioning -> {self.output_dir}",
+        lines = [f"captioning -> {self.output_dir}", f"  model {self.model}",
                  f"  images {self.listed}, already captioned (skipped) {self.skipped}, captioned {self.captioned}, "
                  f"without caption {self.failed}",
                  f"  {self.seconds:.1f} s ({done / max(self.seconds, 1e-9):.1f} img/s)"]
@@ -162,6 +166,7 @@ class CaptionJobResult:
             lines.append(f"  WARNING: {self.missing} listed image(s) have no row; rerun to caption them")
         if self.report is not None:
             lines.append("  " + self.report.summary())
+        lines += [f"  {image_id}: {caption}" for image_id, caption in self.examples]
         lines += [f"  {name:9} {where}" for name, where in self.outputs.items()]
         return "\n".join(lines)
 
@@ -280,8 +285,11 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
             log.warning("no captioned image has references in %s: no scores written", config.references)
     outputs["html"] = write_contact_sheet(config, captions_out, table, scored, report, s3)
     ok, failed, failures = (written.ok, written.failed, written.failures) if written else (0, 0, ())
+    model = f"{config.bundle}{' (the default model)' if config.bundle == DEFAULT_BUNDLE else ''}, {bundle.fingerprint}"
+    captioned = table.filter(pc.is_valid(table["caption"])).sort_by("image_id").slice(0, EXAMPLES)
+    examples = tuple(zip(captioned["image_id"].to_pylist(), captioned["caption"].to_pylist()))
     return CaptionJobResult(config.output_dir, listed, skipped, ok, failed, seconds, incomplete, report, outputs,
-                            failures, recovery)
+                            failures, recovery, model, examples)
 
 
 def write_contact_sheet(config: CaptionJobConfig, captions_out: OutputDirectory, table: pa.Table,

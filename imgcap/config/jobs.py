@@ -7,6 +7,7 @@ from typing import Literal
 
 from imgcap.config.loader import CaptionFormat, IdFrom, require
 from imgcap.config.model import DecodeConfig
+from imgcap.pretrained import DEFAULT_BUNDLE
 from imgcap.vision.backbones import BACKBONES
 
 
@@ -122,7 +123,8 @@ class CnnConfig(ActorPoolConfig):
 class CaptionJobConfig(ActorPoolConfig):
     """Config of jobs/caption.py: images (or a features table) -> captions in Parquet, plus BLEU reports and an
     HTML contact sheet where references exist (see imgcap.batch.caption)."""
-    bundle: str  # a model bundle: a directory every node sees, or a URI (s3://...) each actor fetches
+    # a model bundle: a packaged model's name, a directory every node sees, or a URI (s3://...) each actor fetches
+    bundle: str = DEFAULT_BUNDLE
     sources: list[SourceConfig] = field(default_factory=list)  # images, exactly as extraction takes them
     features: str = ""  # or: Parquet file/directory/URI written by extraction, or a .npz with ids and features
     output_dir: str = "runs/captions"  # local path or URI (s3://...); a rerun skips images already captioned
@@ -147,7 +149,8 @@ class CaptionJobConfig(ActorPoolConfig):
     s3: S3Config = field(default_factory=S3Config)
 
     def __post_init__(self) -> None:
-        require(bool(self.bundle), "bundle is required: the model bundle directory to caption with")
+        require(bool(self.bundle), f"bundle is empty: leave it out for the default model ({DEFAULT_BUNDLE}) or give "
+                "a bundle directory, URI or packaged model name")
         require(bool(self.sources) != bool(self.features),
                 "give either sources (images: directories, list files, archives, s3:// URIs) or features "
                 "(a features table), not both" if self.sources else

@@ -5,12 +5,13 @@ wrong types and out-of-range values with a message naming the file, the key and 
 config fails before any data is read or any Ray worker starts.
 
 Relative paths in a config are resolved against the directory of the config file, so a config can be run
-from anywhere.
+from anywhere; a value with a scheme (``s3://...``, ``imgcap:flickr8k``) is a URI or a name, not a path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -34,6 +35,8 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# A scheme of two or more letters: "s3://bucket/x", "imgcap:flickr8k"; not a Windows drive ("C:\\x").
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 _PATH_KEYS = {"captions", "features", "train_split", "dev_split", "glove_path", "output_dir",
               "path", "weights_file", "bundle", "references", "split", "storage_path", "resume_from", "init_from"}
 
@@ -80,7 +83,7 @@ def _build(cls: type[T], table: dict[str, Any], where: str, base: Path) -> T:
     for name, value in table.items():
         key = f"{where}.{name}" if where else name
         value = _coerce(value, hints[name], key, base)
-        if name in _PATH_KEYS and isinstance(value, str) and value and "://" not in value:
+        if name in _PATH_KEYS and isinstance(value, str) and value and not _URI.match(value):
             value = str((base / value).resolve()) if not Path(value).is_absolute() else value
         kwargs[name] = value
     try:

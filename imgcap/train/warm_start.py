@@ -13,6 +13,7 @@ from imgcap.data.dataset import TrainingData
 from imgcap.data.text import Vocabulary
 from imgcap.model.bundle import load_bundle
 from imgcap.model.decoder import Decoder, build_model, create_decoder
+from imgcap.pretrained import SCHEME
 from imgcap.train.resume import check_same_model
 from imgcap.train.state import (
     CHECKPOINT_META,
@@ -37,14 +38,15 @@ class InitialModel:
 def initial_model(config: TrainJobConfig) -> InitialModel | None:
     """``scst.init_from`` loaded and checked against the config (model and text settings), or None.
 
-    A bundle directory or URI (``bundle.json``; one model, not an ensemble) gives its model's weights; a local
+    A bundle (a directory or URI holding ``bundle.json``, or a packaged model's name such as
+    ``imgcap:flickr8k``; one model, not an ensemble) gives its model's weights; a local
     checkpoint, Ray run or output directory gives the best weights of its latest checkpoint.
     """
     source = config.scst.init_from
     if not (config.scst.enabled and source):
         return None
     fix = "point scst.init_from at a model bundle or a checkpoint, run or output directory of cross-entropy training"
-    if "://" in source or (Path(source) / "bundle.json").is_file():
+    if "://" in source or source.startswith(SCHEME) or (Path(source) / "bundle.json").is_file():
         try:
             bundle = load_bundle(source)
         except (OSError, ValueError) as exc:
