@@ -157,8 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_tensorflow()
         from imgcap.model.export import export_bundle
 
-        check = export_bundle(args.bundle, args.out, "float16" if args.float16 else "float32",
-                              args.check_features, args.check_split)
+        try:
+            check = export_bundle(args.bundle, args.out, "float16" if args.float16 else "float32",
+                                  args.check_features, args.check_split)
+        except (*_USER_ERRORS, KeyError, ValueError) as exc:  # KeyError: check images without features
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"{args.bundle} -> {args.out}" + (f"\n{check.format()}" if check else ""))
         return 0
     if command == "sample-photos":
