@@ -163,6 +163,30 @@ def trained_toy(request, toy_models):
     return toy_models.trained(request.param)
 
 
+# --- the shared Flickr8k photos (../shared) through the extraction job, once per session
+
+
+@pytest.fixture(scope="session")
+def shared_mobilenet_features(ray_local, tmp_path_factory):
+    """configs/extract_flickr8k.toml run once per session on the local Ray: MobileNetV2 features of the 300
+    shared Flickr8k photos with the shared weights, checked by test_extract.py (against the shared .npz) and
+    captioned by test_caption_images.py. Returns (the `ExtractionSummary`, the output directory); skips when
+    ../shared lacks the photos or the weights."""
+    from _imaging import SHARED
+
+    from imgcap.batch.extract import extract_features
+    from imgcap.config.jobs import ExtractConfig
+    from imgcap.config.loader import load_config
+
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "extract_flickr8k.toml"
+    weights = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    if not (SHARED / "flickr8k" / "Images").is_dir() or not weights.is_file():
+        pytest.skip(f"the shared Flickr8k images and MobileNetV2 weights are not in {SHARED}")
+    output = tmp_path_factory.mktemp("shared_mobilenet_features") / "features"
+    config = load_config(ExtractConfig, config_file, {"output_dir": str(output)})
+    return extract_features(config), output
+
+
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     """Headless Chromium (imgcap.testing.browser), one for the session; skips where it is not installed."""

@@ -5,12 +5,10 @@ Flickr8k images, and a run from a `.tar.gz` on S3 (moto's server) to `s3://` out
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
 import boto3
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from _imaging import SHARED, jpeg_bytes
@@ -28,13 +26,10 @@ from imgcap.config.jobs import (
 )
 from imgcap.config.loader import config_from_dict
 from imgcap.config.training import TrainJobConfig
-from imgcap.data.feature_table import load_features
 from imgcap.io.outputs import OutputDirectory
 from imgcap.io.storage import S3Options
 from imgcap.model.bundle import load_bundle
 from imgcap.testing.fixtures import untrained_bundle
-from imgcap.vision.embedder import CnnEmbedder
-from imgcap.vision.imaging import load_pixels
 from imgcap.vision.spec import EmbeddingSpec
 
 FLICKR = SHARED / "flickr8k"
@@ -63,7 +58,7 @@ def flickr_bundle(tmp_path_factory):
         "data": {"captions": str(FLICKR / "Flickr8k.token.txt"), "features": str(FLICKR / "features_mobilenet_v2.npz"),
                  "train_split": str(FLICKR / "Flickr_8k.trainImages.txt"),
                  "dev_split": str(FLICKR / "Flickr_8k.devImages.txt"), "backbone": "mobilenet_v2",
-                 "max_train_images": 1500, "max_dev_images": 100},
+                 "max_train_images": 500, "max_dev_images": 100},
         "model": {"embedding_dim": 64, "units": 128},
         "train": {"epochs": 1, "batch_size": 128, "select_by": "loss"},
         "decode": {"beam_width": 3}})
@@ -71,43 +66,27 @@ def flickr_bundle(tmp_path_factory):
 
 
 @needs_shared
-def test_images_features_and_imgcap_caption_agree_on_the_shared_images(ray_local, flickr_bundle, tmp_path):
+def test_the_job_loads_the_cnn_weights_file_and_captions_as_the_captioner(ray_local, flickr_bundle, tmp_path):
+    """A MobileNetV2 bundle with the shared Keras weights file (`cnn.weights_file`) through the bulk job from a
+    list file of 30 shared photos, against `imgcap.Captioner` with the same file. (The packaged model's images,
+    features and Captioner paths on the shared dev photos: tests/test_pretrained.py.)"""
     bundle = load_bundle(flickr_bundle)
     assert bundle.embedding == EmbeddingSpec("mobilenet_v2")  # recorded at training: stretch, nearest, avg
-    photos = sorted((FLICKR / "Images").glob("*.jpg"))
-    assert len(photos) == 300
+    photos = sorted((FLICKR / "Images").glob("*.jpg"))[:30]
+    listed = tmp_path / "photos.txt"
+    listed.write_text("".join(f"{p}\n" for p in photos), encoding="utf-8")
 
     from_images = run_caption_job(CaptionJobConfig(
-        bundle=str(flickr_bundle), sources=[SourceConfig(str(FLICKR / "Images"))], output_dir=str(tmp_path / "a"),
+        bundle=str(flickr_bundle), sources=[SourceConfig(str(listed))], output_dir=str(tmp_path / "a"),
         cnn=CnnConfig(weights_file=str(WEIGHTS)), references=str(FLICKR / "Flickr8k.token.txt")))
-    extract_features(config_from_dict(ExtractConfig, {
-        "sources": [{"path": str(FLICKR / "Images")}], "output_dir": str(tmp_path / "features"),
-        "backbone": "mobilenet_v2", "weights_file": str(WEIGHTS)}))
-    run_caption_job(CaptionJobConfig(bundle=str(flickr_bundle), features=str(tmp_path / "features"),
-                                     output_dir=str(tmp_path / "b")))
-    single = {p.source.rsplit("/", 1)[-1][:-4]: p.caption
+    single = {Path(p.source).stem: p.caption
               for p in Captioner.load(flickr_bundle, weights=str(WEIGHTS)).caption([str(p) for p in photos])}
 
     a = caption_rows(OutputDirectory(str(tmp_path / "a" / "captions"), S3Options()))
-    b = caption_rows(OutputDirectory(str(tmp_path / "b" / "captions"), S3Options()))
-    assert set(a) == set(b) == set(single) == {p.stem for p in photos}
-    assert from_images.captioned == 300 and from_images.failed == 0 and from_images.report.num_images == 300
-    differ = sorted(i for i in a if not a[i]["caption"] == b[i]["caption"] == single[i])
-    if differ:  # only float rounding may separate the paths: their features must agree to float32 precision
-        ours = load_features(tmp_path / "features").select(differ).features
-        pixels = np.stack([load_pixels((FLICKR / "Images" / f"{i}.jpg").read_bytes(), bundle.embedding.imaging())
-                           for i in differ])
-        direct = CnnEmbedder(bundle.embedding, str(WEIGHTS)).embed(pixels)
-        np.testing.assert_allclose(ours, direct, rtol=1e-4, atol=1e-4)
-    assert len(differ) <= 3, differ
-    # The bundle records how its features were made, and the features made from the images agree with the
-    # shared table the bundle was trained on.
-    assert json.loads((tmp_path / "features" / "_embedding.json").read_text()) == bundle.embedding.to_dict()
-    shared = load_features(FLICKR / "features_mobilenet_v2.npz").select(sorted(a))
-    ours = load_features(tmp_path / "features").select(sorted(a))
-    cosine = (shared.features * ours.features).sum(1) / (
-        np.linalg.norm(shared.features, axis=1) * np.linalg.norm(ours.features, axis=1))
-    assert cosine.min() > 0.999
+    assert set(a) == set(single) == {p.stem for p in photos}
+    assert (from_images.captioned, from_images.failed, from_images.report.num_images) == (30, 0, 30)
+    assert sum(a[i]["caption"] != single[i] for i in a) <= 1  # float rounding between CNN batches at most
+    assert all(a[i]["source"] == str(FLICKR / "Images" / f"{i}.jpg") for i in a)
 
 
 def test_tar_gz_on_s3_to_s3_outputs_then_rerun_duplicates_nothing(ray_local, s3_server, tmp_path):

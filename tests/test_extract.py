@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -67,11 +68,30 @@ def test_bad_inputs_become_error_rows_and_good_ones_get_features(ray_local, tmp_
     assert sorted(table.ids) == sorted(["transparent", *(p.stem for p in good)]) and table.dim == 768
 
 
-def test_archives_give_the_same_features_as_loose_files(ray_local, tmp_path):
-    loose = tmp_path / "loose"
-    write_jpegs(loose, 12)
+@pytest.fixture(scope="module")
+def twelve_extracted(ray_local, tmp_path_factory):
+    """12 JPEGs (img0000 ... img0011) extracted once, at most 4 rows a file: the loose-file side of the archive
+    test, and the starting output that the resume, half-written-file and other-backbone tests each work on a
+    copy of (`copy_of`). Returns (the images, the output, the summary of the run)."""
+    root = tmp_path_factory.mktemp("twelve_extracted")
+    images, output = root / "images", root / "out"
+    write_jpegs(images, 12)
+    return images, output, extract([images], output, rows_per_file=4)
+
+
+def copy_of(extracted, tmp_path: Path):
+    """A copy of `twelve_extracted`'s images and output in `tmp_path`, for a test that adds to or damages them."""
+    images, output, summary = extracted
+    shutil.copytree(images, tmp_path / "images")
+    shutil.copytree(output, tmp_path / "out")
+    return tmp_path / "images", tmp_path / "out", summary
+
+
+def test_archives_give_the_same_features_as_loose_files(twelve_extracted, tmp_path):
+    loose, out_loose, from_loose = twelve_extracted
     members = {p.name: p.read_bytes() for p in sorted(loose.iterdir())}
     names = sorted(members)
+    assert len(names) == 12
     archives = tmp_path / "archives"
     archives.mkdir()
     for suffix, mode, chunk in ((".tar", "w", names[0:4]), (".tar.gz", "w:gz", names[4:8])):
@@ -86,9 +106,8 @@ def test_archives_give_the_same_features_as_loose_files(ray_local, tmp_path):
 
     from_archives = extract([archives / "part.tar", archives / "part.tar.gz", archives / "part.zip"],
                             tmp_path / "out_archives", shard_size=3)
-    from_loose = extract([loose], tmp_path / "out_loose")
     assert from_archives.ok == from_loose.ok == 12 and from_archives.failed == 0
-    a, b = rows(tmp_path / "out_archives"), rows(tmp_path / "out_loose")
+    a, b = rows(tmp_path / "out_archives"), rows(out_loose)
     assert a.keys() == b.keys()
     assert a["img0000"]["source"] == f"{archives / 'part.tar'}!photos/img0000.jpg"
     assert a["img0005"]["source"].endswith("part.tar.gz!photos/img0005.jpg")
@@ -96,28 +115,24 @@ def test_archives_give_the_same_features_as_loose_files(ray_local, tmp_path):
         assert a[image_id]["feature"] == b[image_id]["feature"]
 
 
-def test_rerun_resumes_without_duplicates_and_files_are_bounded(ray_local, tmp_path):
-    images, output = tmp_path / "images", tmp_path / "out"
-    write_jpegs(images, 10)
-    first = extract([images], output, rows_per_file=4)
+def test_rerun_resumes_without_duplicates_and_files_are_bounded(twelve_extracted, tmp_path):
+    images, output, first = copy_of(twelve_extracted, tmp_path)
     files = sorted(output.glob("*.parquet"))
-    assert first.ok == 10 and first.files_written == len(files) >= 3
+    assert first.ok == 12 and first.files_written == len(files) >= 3
     assert all(pq.read_metadata(f).num_rows <= 4 for f in files)
 
     second = extract([images], output, rows_per_file=4)
-    assert (second.listed, second.skipped, second.ok, second.failed, second.files_written) == (10, 10, 0, 0, 0)
+    assert (second.listed, second.skipped, second.ok, second.failed, second.files_written) == (12, 12, 0, 0, 0)
     assert sorted(output.glob("*.parquet")) == files
 
-    write_jpegs(images, 3, start=10)
+    write_jpegs(images, 3, start=12)
     third = extract([images], output, rows_per_file=4)
-    assert (third.skipped, third.ok) == (10, 3)
-    assert len(rows(output)) == 13
+    assert (third.skipped, third.ok) == (12, 3)
+    assert len(rows(output)) == 15
 
 
-def test_a_file_left_half_written_by_a_killed_run_is_set_aside_and_redone(ray_local, tmp_path):
-    images, output = tmp_path / "images", tmp_path / "out"
-    write_jpegs(images, 10)
-    extract([images], output, rows_per_file=4)
+def test_a_file_left_half_written_by_a_killed_run_is_set_aside_and_redone(twelve_extracted, tmp_path):
+    images, output, _ = copy_of(twelve_extracted, tmp_path)
     files = sorted(output.glob("*.parquet"))
     victim = files[0]
     lost = set(pq.read_table(victim, columns=["image_id"])["image_id"].to_pylist())
@@ -127,16 +142,14 @@ def test_a_file_left_half_written_by_a_killed_run_is_set_aside_and_redone(ray_lo
     summary = extract([images], output, rows_per_file=4)
 
     assert summary.incomplete_files == 1 and "interrupted run" in summary.format()
-    assert (summary.skipped, summary.ok) == (10 - len(lost), len(lost))
+    assert (summary.skipped, summary.ok) == (12 - len(lost), len(lost)) and lost
     assert (output / INCOMPLETE_DIR / victim.name).is_file()
-    assert len(rows(output)) == 10
-    assert len(load_features(output).ids) == 10
+    assert len(rows(output)) == 12
+    assert len(load_features(output).ids) == 12
 
 
-def test_output_of_another_backbone_is_not_mixed_in(ray_local, tmp_path):
-    images, output = tmp_path / "images", tmp_path / "out"
-    write_jpegs(images, 2)
-    extract([images], output)
+def test_output_of_another_backbone_is_not_mixed_in(twelve_extracted, tmp_path):
+    images, output, _ = copy_of(twelve_extracted, tmp_path)  # thumbnail features
     with pytest.raises(FileExistsError, match=r"holds rows with backbone \['thumbnail'\], not 'thumbnail/max'"):
         extract([images], output, pooling="max")
     with pytest.raises(FileExistsError, match=r"holds features made with .*resize='stretch'.*resize='center_crop'"):
@@ -183,12 +196,12 @@ NPZ = SHARED / "flickr8k" / "features_mobilenet_v2.npz"
 
 
 @pytest.mark.skipif(not NPZ.is_file(), reason=f"shared Flickr8k data not found at {SHARED}")
-def test_mobilenet_features_of_the_shared_images_match_the_shared_npz(ray_local, tmp_path):
-    config = load_config(ExtractConfig, REPO / "configs" / "extract_flickr8k.toml",
-                         {"output_dir": str(tmp_path / "features")})
-    summary = extract_features(config)
-    assert (summary.ok, summary.failed) == (300, 0)
-    ours = load_features(tmp_path / "features")
+def test_mobilenet_features_of_the_shared_images_match_the_shared_npz(shared_mobilenet_features):
+    """configs/extract_flickr8k.toml (the session's run of it, `shared_mobilenet_features` in conftest.py,
+    which test_caption_images.py captions too)."""
+    summary, output = shared_mobilenet_features
+    assert (summary.listed, summary.skipped, summary.ok, summary.failed) == (300, 0, 300, 0)
+    ours = load_features(output)
     with np.load(NPZ) as npz:
         where = {str(i): row for row, i in enumerate(npz["ids"])}
         reference = npz["features"][[where[i] for i in ours.ids]].astype(np.float32)

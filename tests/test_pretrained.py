@@ -83,8 +83,8 @@ def test_the_default_model_captions_dev_photos_as_from_their_features(ray_local,
     assert set(a) == set(b) and sum(a[i] == b[i] for i in b) >= 90  # float16 grids: a few beams may differ
     assert json.loads((tmp_path / "features" / "_embedding.json").read_text()) == spec.to_dict()
     # The Python API captions as the bulk job does (up to float rounding between CNN batches of other sizes).
-    api = {Path(c.source).stem: c.caption for c in Captioner.load().caption([str(p) for p in photos])}
-    assert set(api) == set(a) and sum(api[i] != a[i] for i in a) <= 3
+    api = {Path(c.source).stem: c.caption for c in Captioner.load().caption([str(p) for p in photos[:20]])}
+    assert len(api) == 20 and sum(api[i] != a[i] for i in api) <= 1
 
 
 @pytest.mark.subprocess
@@ -127,3 +127,20 @@ def test_demo_captions_real_photos_into_a_contact_sheet(ray_local, browser, tmp_
     assert len(decoded) == len(rows) and all(width > 0 for width in decoded)
     text = page.eval("document.body.innerText")
     assert all(caption in text for caption in captions.values()) and page.errors() == []
+
+
+def test_self_critical_training_can_start_from_the_packaged_model():
+    """`scst.init_from = "imgcap:flickr8k"`: the fine-tuning path the model card gives users, checked up to the
+    weights the workers would load (the same model and text settings are required, as for any bundle)."""
+    from imgcap.config.loader import ConfigError
+    from imgcap.config.training import TrainJobConfig
+    from imgcap.train.warm_start import initial_model
+
+    config_file = REPO / "configs" / "train_flickr8k_attention.toml"
+    fine_tune = {"scst.enabled": True, "scst.init_from": "imgcap:flickr8k"}
+    start = initial_model(load_config(TrainJobConfig, config_file, fine_tune))
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    assert start.source == "imgcap:flickr8k" and start.vocab == bundle.vocab and start.feature_dim == 81 * 1280
+    assert all((a == b).all() for a, b in zip(start.weights, bundle.model.get_weights()))
+    with pytest.raises(ConfigError, match="scst.init_from"):
+        initial_model(load_config(TrainJobConfig, config_file, {**fine_tune, "model.units": 256}))

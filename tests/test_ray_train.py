@@ -2,11 +2,12 @@
 cluster.
 
 The toy captioning problem is written to disk as a Flickr8k-style caption file, split files and an .npz of
-features, so the job reads real files exactly as jobs/train.py does. The Ray Train runs shared by the tests:
-2 workers with a worker crash injected mid-epoch, 1 worker on the same data and global batch, a resume of the
-2-worker run, 2 workers through both phases with a crash in the self-critical one, one short job run twice
-(crashed with ray.max_failures = 0, then rerun: it continues its run), and a short run with its storage in S3
-(moto's server). Config errors are refused before any worker, actor or Ray Train run exists.
+features, so the job reads real files exactly as jobs/train.py does. Starting a Ray Train worker group costs
+far more than the toy epochs, so four module-scoped runs serve every test that trains: 2 workers with a worker
+crash injected mid-epoch; 1 worker on the same data and global batch, run as one job twice (crashed with
+ray.max_failures = 0, then rerun: it continues its run); a 1-worker run resumed (ray.resume_from) from the
+2-worker one with its storage in S3 (moto's server); the attention decoder on 2 workers through both phases with
+a crash in the self-critical one. Config errors are refused before any worker, actor or Ray Train run exists.
 """
 
 from __future__ import annotations
@@ -63,12 +64,27 @@ def two_workers(ray_local, toy_files, tmp_path_factory):
     return result, marker
 
 
+RERUN_CRASH_EPOCH = 2
+
+
 @pytest.fixture(scope="module")
 def one_worker(ray_local, toy_files, tmp_path_factory):
+    """1 worker, 12 epochs, ray.max_failures = 0, run twice as one job: the first run crashes in the middle of
+    epoch 2 and fails (its epoch-1 checkpoint stays); the second, the same job again, continues that run to the
+    end. The 1-worker side of the comparison with `two_workers`, and the run the rerun tests check."""
     from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
-    return train_on_ray(job_config(toy_files, tmp_path_factory.mktemp("one_worker") / "out",
-                                   ray={"num_workers": 1}))
+    root = tmp_path_factory.mktemp("one_worker")
+    config = job_config(toy_files, root / "out", ray={"num_workers": 1, "max_failures": 0})
+    marker = root / "crashed.txt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAIL_ONCE_ENV, f"{RERUN_CRASH_EPOCH}:{marker}")
+        with pytest.raises(RuntimeError, match="(?s)failed .*rerun the same job"):
+            train_on_ray(config)
+        assert marker.is_file()  # the hook raised; it does not again (the marker exists)
+        continued = train_on_ray(config)
+    return config, continued
 
 
 def test_two_workers_lower_the_loss_and_write_the_bundle(two_workers):
@@ -102,11 +118,12 @@ def test_crashed_worker_restarts_from_the_last_checkpoint(two_workers):
 
 def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, one_worker):
     """Same data, same global batch (2 x 16 vs 1 x 32) and steps per epoch. The runs cannot be identical:
-    batches are length-bucketed per shard, dropout masks and summation order differ (and the 2-worker run
-    redid epoch 3 after its crash). Five single-process runs of this problem that differ only in the seed
-    reach best dev losses of 0.412-0.424 in 12 epochs (a 3% spread; after 6 epochs it is still 10%), so the
-    best dev losses must agree within 10%."""
-    two, one = two_workers[0], one_worker
+    batches are length-bucketed per shard, dropout masks and summation order differ (and each run redid an
+    epoch: the 2-worker run epoch 3 after its worker crash, the 1-worker run epoch 2 in its rerun). Five
+    single-process runs of this problem that differ only in the seed reach best dev losses of 0.412-0.424 in
+    12 epochs (a 3% spread; after 6 epochs it is still 10%), so the best dev losses must agree within 10%."""
+    two, one = two_workers[0], one_worker[1]
+    assert [h.epoch for h in one.history] == [h.epoch for h in two.history] == list(range(1, EPOCHS + 1))
     assert one.metrics["steps"] == two.metrics["steps"] == math.ceil(240 * 5 / BATCH)
     best_two = min(h.dev_loss for h in two.history)
     best_one = min(h.dev_loss for h in one.history)
@@ -114,24 +131,46 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, one_
     assert one.history[0].dev_loss > 2 * best_one and two.history[0].dev_loss > 2 * best_two
 
 
-def test_resume_continues_the_epoch_count(two_workers, toy_files, tmp_path):
-    import tensorflow as tf
+BUCKET = "imgcap-runs"
+MORE = EPOCHS + 2  # the resumed run's train.epochs
+
+
+@pytest.fixture(scope="module")
+def resumed_in_s3(ray_local, s3_server, toy_files, two_workers, tmp_path_factory):
+    """1 worker: a new run started (ray.resume_from) from the 2-worker run's output, 2 more epochs, with its
+    storage in S3: ray.storage_path = s3://imgcap-runs/ray on the moto endpoint."""
+    import boto3
 
     from imgcap.train.ray_job import train_on_ray
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
+    config = job_config(toy_files, tmp_path_factory.mktemp("resumed_in_s3") / "out", train={"epochs": MORE},
+                        ray={"num_workers": 1, "resume_from": str(two_workers[0].bundle_path.parent),
+                             "storage_path": f"s3://{BUCKET}/ray", "storage_endpoint_url": s3_server})
+    return config, train_on_ray(config)
+
+
+def test_resume_continues_the_epoch_count(resumed_in_s3, two_workers, s3_server, tmp_path):
+    import pyarrow.fs
+    import tensorflow as tf
+
     from imgcap.train.state import CHECKPOINT_STATE
 
     previous = two_workers[0]
-    more = EPOCHS + 2
-    result = train_on_ray(job_config(toy_files, tmp_path / "out", train={"epochs": more},
-                                     ray={"num_workers": 1, "resume_from": str(previous.bundle_path.parent)}))
+    _, result = resumed_in_s3
     assert result.resumed_from.endswith(f"checkpoint_epoch_{EPOCHS:04d}")
-    assert result.metrics["started_at_epoch"] == EPOCHS
-    assert [h.epoch for h in result.history] == list(range(1, more + 1))
+    assert result.metrics["started_at_epoch"] == EPOCHS and result.metrics["world_size"] == 1  # from 2 workers
+    assert [h.epoch for h in result.history] == list(range(1, MORE + 1))
     assert [h.as_dict() for h in result.history[:EPOCHS]] == [h.as_dict() for h in previous.history]
-    assert result.history[-1].learning_rate == pytest.approx(LR * DECAY ** (more - 1), rel=1e-5)
-    prefix = str(Path(result.checkpoint) / CHECKPOINT_STATE)  # Adam's step count went on too
+    assert result.history[-1].learning_rate == pytest.approx(LR * DECAY ** (MORE - 1), rel=1e-5)
+    # Adam's step count went on too: read from the latest checkpoint, copied out of the bucket
+    assert result.checkpoint.startswith(f"s3://{BUCKET}/")
+    (tmp_path / "checkpoint").mkdir()
+    pyarrow.fs.copy_files(result.checkpoint.removeprefix("s3://"), str(tmp_path / "checkpoint"),
+                          source_filesystem=pyarrow.fs.S3FileSystem(endpoint_override=s3_server))
     key = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
-    assert int(tf.train.load_variable(prefix, key)) == more * result.metrics["steps"]
+    prefix = str(tmp_path / "checkpoint" / CHECKPOINT_STATE)
+    assert int(tf.train.load_variable(prefix, key)) == MORE * result.metrics["steps"]
     assert min(h.dev_loss for h in result.history) <= min(h.dev_loss for h in previous.history) * 1.05
 
 
@@ -194,69 +233,10 @@ def test_train_job_reports_config_errors_with_status_2(ray_local, toy_files, tmp
     assert "ray.max_failures must be >= 0" in capsys.readouterr().err
 
 
-# --- self-critical training on Ray Train: the second phase, crashed mid-epoch and restored
+# --- the attention decoder on 2 workers through both phases, self-critical training crashed mid-epoch and restored
 
-SCST = {"enabled": True, "epochs": 3, "samples": 3, "batch_size": 30, "learning_rate": 1e-3, "patience": 0}
-
-
-
-def test_attention_trains_on_two_workers_and_a_rerun_continues_it(ray_local, toy_files, tmp_path):
-    """The attention decoder through the same Ray Train job: one epoch on 2 workers, then the same job with
-    2 epochs continues the run from its checkpoint; the bundle holds the attention model over 256 regions."""
-    from imgcap.model.attention import AttentionCaptionModel
-    from imgcap.model.bundle import load_bundle
-    from imgcap.train.ray_job import train_on_ray
-
-    with np.load(toy_files["features"]) as npz:  # the toy vectors tiled into a thumbnail-shaped 16x16x3 grid
-        np.savez(tmp_path / "grid.npz", ids=npz["ids"], features=np.tile(npz["features"], (1, 48)))
-    files = {**toy_files, "features": str(tmp_path / "grid.npz"), "backbone": "thumbnail/none"}
-    model = {"architecture": "attention", "attention_dim": 16}
-    first = train_on_ray(job_config(files, tmp_path / "out", model=model, train={"epochs": 1}))
-    assert [h.epoch for h in first.history] == [1] and first.continued_from is None
-    bundle = load_bundle(first.bundle_path)
-    assert isinstance(bundle.model, AttentionCaptionModel) and bundle.model.regions == 256
-
-    second = train_on_ray(job_config(files, tmp_path / "out", model=model, train={"epochs": 2}))
-    assert second.continued_from == str(Path(first.run_dir) / "checkpoint_epoch_0001") and second.trained
-    assert [h.epoch for h in second.history] == [1, 2] and second.history[0] == first.history[0]
-
-
-@pytest.fixture(scope="module")
-def scst_two_workers(ray_local, toy_files, tmp_path_factory):
-    """2 workers: 2 cross-entropy epochs, then 3 self-critical ones; the last worker raises once in the middle of
-    self-critical epoch 2, so the restarted worker group must restore a self-critical checkpoint."""
-    from imgcap.train.ray_job import train_on_ray
-    from imgcap.train.ray_worker import FAIL_ONCE_ENV
-
-    root = tmp_path_factory.mktemp("scst_two_workers")
-    marker = root / "crashed.txt"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(FAIL_ONCE_ENV, f"scst/2:{marker}")
-        result = train_on_ray(job_config(toy_files, root / "out", train={"epochs": 2}, scst=SCST))
-    return result, marker
-
-
-def test_self_critical_training_resumes_from_its_checkpoint_with_two_workers(scst_two_workers):
-    from imgcap.model.bundle import load_bundle
-
-    result, marker = scst_two_workers
-    assert marker.is_file() and "scst epoch 2" in marker.read_text()  # the hook did raise
-    # The restarted group restored the checkpoint of self-critical epoch 1 (its optimizer, not a fresh one).
-    assert result.metrics["started_at_phase"] == "scst" and result.metrics["started_at_epoch"] == 1
-    assert [(h.phase, h.epoch) for h in result.history] == [("xe", 1), ("xe", 2), ("scst", 1), ("scst", 2),
-                                                             ("scst", 3)]
-    scst = [h for h in result.history if h.phase == "scst"]
-    assert all(h.train_reward > 0 for h in scst) and all(h.steps == math.ceil(240 / 30) for h in scst)
-    assert result.best_epoch == 1 + int(np.argmax([h.dev_cider for h in scst]))  # scst.select_by = "cider"
-    run = Path(result.run_dir)
-    assert (run / "checkpoint_scst_epoch_0003").is_dir() and result.checkpoint.endswith("checkpoint_scst_epoch_0003")
-    bundle = load_bundle(result.bundle_path)
-    assert bundle.provenance["phase"] == "scst" and bundle.provenance["phases"] == ["xe", "scst"]
-
-
-# --- reruns: a stable run name, so the same job run again continues its Ray Train run
-
-RERUN_EPOCHS = 3
+SCST = {"enabled": True, "epochs": 2, "samples": 3, "batch_size": 60, "learning_rate": 1e-3, "patience": 0}
+ATTENTION = {"architecture": "attention", "attention_dim": 16}
 
 
 def no_trainer(*args, **kwargs):
@@ -264,43 +244,92 @@ def no_trainer(*args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def rerun(ray_local, toy_files, tmp_path_factory):
-    """One job config (1 worker, 3 epochs, ray.max_failures = 0) run twice: the first run crashes in the middle
-    of epoch 2 and fails (its epoch-1 checkpoint stays); the second, the same job again, continues that run."""
+def scst_attention(ray_local, toy_files, tmp_path_factory):
+    """The attention decoder over the toy vectors tiled into a thumbnail-shaped 16x16x3 grid (256 regions),
+    2 workers: 1 cross-entropy epoch, then 2 self-critical ones; the last worker raises once in the middle of
+    self-critical epoch 2, so the restarted worker group must restore a self-critical checkpoint."""
     from imgcap.train.ray_job import train_on_ray
     from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
-    root = tmp_path_factory.mktemp("rerun")
-    config = job_config(toy_files, root / "out", train={"epochs": RERUN_EPOCHS},
-                        ray={"num_workers": 1, "max_failures": 0})
+    root = tmp_path_factory.mktemp("scst_attention")
+    with np.load(toy_files["features"]) as npz:
+        np.savez(root / "grid.npz", ids=npz["ids"], features=np.tile(npz["features"], (1, 48)))
+    files = {**toy_files, "features": str(root / "grid.npz"), "backbone": "thumbnail/none"}
+    config = job_config(files, root / "out", model=ATTENTION, train={"epochs": 1}, scst=SCST)
     marker = root / "crashed.txt"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(FAIL_ONCE_ENV, f"2:{marker}")
-        with pytest.raises(RuntimeError, match="(?s)failed .*rerun the same job"):
-            train_on_ray(config)
-        assert marker.is_file()  # the hook raised; it does not again (the marker exists)
-        continued = train_on_ray(config)
-    return config, continued
+        patch.setenv(FAIL_ONCE_ENV, f"scst/2:{marker}")
+        result = train_on_ray(config)
+    return config, result, marker
 
 
-def test_rerunning_a_job_continues_its_run(rerun):
+def test_self_critical_training_resumes_from_its_checkpoint_with_two_workers(scst_attention):
+    from imgcap.model.bundle import load_bundle
+
+    _, result, marker = scst_attention
+    assert marker.is_file() and "scst epoch 2" in marker.read_text()  # the hook did raise
+    # The restarted group restored the checkpoint of self-critical epoch 1 (its optimizer, not a fresh one).
+    assert result.metrics["started_at_phase"] == "scst" and result.metrics["started_at_epoch"] == 1
+    assert result.metrics["world_size"] == 2
+    assert [(h.phase, h.epoch) for h in result.history] == [("xe", 1), ("scst", 1), ("scst", 2)]
+    scst = [h for h in result.history if h.phase == "scst"]
+    assert all(h.train_reward > 0 for h in scst)
+    assert all(h.steps == math.ceil(240 / SCST["batch_size"]) for h in scst)
+    assert result.best_epoch == 1 + int(np.argmax([h.dev_cider for h in scst]))  # scst.select_by = "cider"
+    run = Path(result.run_dir)
+    assert (run / "checkpoint_scst_epoch_0002").is_dir() and result.checkpoint.endswith("checkpoint_scst_epoch_0002")
+    bundle = load_bundle(result.bundle_path)
+    assert bundle.provenance["phase"] == "scst" and bundle.provenance["phases"] == ["xe", "scst"]
+
+
+def test_attention_trains_on_two_workers_and_a_rerun_finds_its_finished_run(scst_attention, monkeypatch):
+    """The attention decoder through the same Ray Train job (the run of `scst_attention`): its bundle holds the
+    attention model over 256 regions, restored from the checkpoints its workers wrote; the same job run again
+    finds its finished run and writes the same bundle without training. (A rerun that trains on is the
+    1-worker run's, `test_rerunning_a_job_continues_its_run`; a restarted worker group restoring this model's
+    checkpoint mid-run is `test_self_critical_training_resumes_from_its_checkpoint_with_two_workers`.)"""
+    import ray.train.tensorflow
+
+    from imgcap.model.attention import AttentionCaptionModel
+    from imgcap.model.bundle import load_bundle
+    from imgcap.train.ray_job import train_on_ray
+
+    config, first, _ = scst_attention
+    assert first.continued_from is None and first.trained
+    bundle = load_bundle(first.bundle_path)
+    assert isinstance(bundle.model, AttentionCaptionModel) and bundle.model.regions == 256
+    before = bundle.model.get_weights()
+
+    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
+    again = train_on_ray(config)
+    assert not again.trained and again.run_dir == first.run_dir and again.checkpoint == first.checkpoint
+    assert [h.as_dict() for h in again.history] == [h.as_dict() for h in first.history]
+    after = load_bundle(again.bundle_path).model
+    assert isinstance(after, AttentionCaptionModel) and after.regions == 256
+    assert all(np.array_equal(a, b) for a, b in zip(after.get_weights(), before, strict=True))
+
+
+# --- reruns: a stable run name, so the same job run again continues its Ray Train run (the `one_worker` job)
+
+
+def test_rerunning_a_job_continues_its_run(one_worker):
     from imgcap.train.run_storage import default_run_name
 
-    config, continued = rerun
+    config, continued = one_worker
     storage = Path(config.output_dir).resolve() / "ray_results"
     run = Path(continued.run_dir)
     assert run == storage / default_run_name(config.output_dir) and run.name.startswith("train-out-")
     assert [p.name for p in storage.iterdir()] == [run.name]  # the crashed run's directory, continued
-    assert continued.continued_from == str(run / "checkpoint_epoch_0001")
-    assert continued.metrics["started_at_epoch"] == 1 and continued.trained
-    assert [h.epoch for h in continued.history] == list(range(1, RERUN_EPOCHS + 1))  # no epoch twice
-    assert (Path(config.output_dir) / "history.csv").read_text().count("\n") == RERUN_EPOCHS + 1
+    assert continued.continued_from == str(run / f"checkpoint_epoch_{RERUN_CRASH_EPOCH - 1:04d}")
+    assert continued.metrics["started_at_epoch"] == RERUN_CRASH_EPOCH - 1 and continued.trained
+    assert [h.epoch for h in continued.history] == list(range(1, EPOCHS + 1))  # no epoch twice
+    assert (Path(config.output_dir) / "history.csv").read_text().count("\n") == EPOCHS + 1
     for k, h in enumerate(continued.history):  # the learning-rate schedule went on from epoch 1
         assert h.learning_rate == pytest.approx(LR * DECAY ** k, rel=1e-5)
-    assert continued.checkpoint == str(run / f"checkpoint_epoch_{RERUN_EPOCHS:04d}")
+    assert continued.checkpoint == str(run / f"checkpoint_epoch_{EPOCHS:04d}")
 
 
-def test_rerunning_a_finished_job_writes_the_outputs_without_training(rerun, monkeypatch):
+def test_rerunning_a_finished_job_writes_the_outputs_without_training(one_worker, monkeypatch):
     import dataclasses
 
     import ray.train.tensorflow
@@ -308,7 +337,7 @@ def test_rerunning_a_finished_job_writes_the_outputs_without_training(rerun, mon
     from imgcap.model.bundle import load_bundle
     from imgcap.train.ray_job import train_on_ray
 
-    config, continued = rerun
+    config, continued = one_worker
     before = load_bundle(continued.bundle_path).model.get_weights()
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
     again = train_on_ray(config)
@@ -318,7 +347,8 @@ def test_rerunning_a_finished_job_writes_the_outputs_without_training(rerun, mon
     after = load_bundle(again.bundle_path).model.get_weights()
     assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
 
-    # More epochs: the same run trains on (Ray Train is started with the same run name and storage).
+    # More epochs: the same run trains on (Ray Train is started with the same run name and storage, as in the
+    # real rerun of `one_worker` that continued its crashed run).
     started = []
 
     class Started(Exception):
@@ -330,19 +360,19 @@ def test_rerunning_a_finished_job_writes_the_outputs_without_training(rerun, mon
 
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", record)
     with pytest.raises(Started):
-        train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=RERUN_EPOCHS + 2)))
+        train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=EPOCHS + 2)))
     run = Path(continued.run_dir)
     assert started[0].name == run.name and Path(started[0].storage_path) == run.parent
 
 
-def test_rerun_with_a_changed_config_is_refused(rerun, monkeypatch):
+def test_rerun_with_a_changed_config_is_refused(one_worker, monkeypatch):
     import dataclasses
 
     import ray.train.tensorflow
 
     from imgcap.train.ray_job import train_on_ray
 
-    config, continued = rerun
+    config, continued = one_worker
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
     with pytest.raises(ConfigError, match=r"model.units is 32 but the existing run train-out-\w+ .* was trained "
                                           r"with 64; .* choose another output_dir or ray.run_name"):
@@ -351,25 +381,10 @@ def test_rerun_with_a_changed_config_is_refused(rerun, monkeypatch):
         train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, weight_ema=0.9)))
 
 
-# --- storage in S3 (moto's server)
-
-BUCKET = "imgcap-runs"
+# --- storage in S3 (moto's server): the `resumed_in_s3` run
 
 
-@pytest.fixture(scope="module")
-def s3_run(ray_local, s3_server, toy_files, tmp_path_factory):
-    """1 worker, 2 epochs, ray.storage_path = s3://imgcap-runs/ray on the moto endpoint."""
-    import boto3
-
-    from imgcap.train.ray_job import train_on_ray
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
-    config = job_config(toy_files, tmp_path_factory.mktemp("s3_run") / "out", train={"epochs": 2},
-                        ray={"num_workers": 1, "storage_path": f"s3://{BUCKET}/ray", "storage_endpoint_url": s3_server})
-    return config, train_on_ray(config)
-
-
-def test_s3_storage_path_keeps_the_run_in_the_bucket(s3_run, s3_server, toy_files, monkeypatch):
+def test_s3_storage_path_keeps_the_run_in_the_bucket(resumed_in_s3, s3_server, toy_files, monkeypatch):
     import boto3
     import pyarrow.fs
     import ray.train.tensorflow
@@ -378,27 +393,27 @@ def test_s3_storage_path_keeps_the_run_in_the_bucket(s3_run, s3_server, toy_file
     from imgcap.train.run_storage import default_run_name
     from imgcap.train.state import find_latest_checkpoint
 
-    config, result = s3_run
+    config, result = resumed_in_s3
     name = default_run_name(config.output_dir)
     assert result.run_dir == f"s3://{BUCKET}/ray/{name}"
-    assert result.checkpoint == f"s3://{BUCKET}/ray/{name}/checkpoint_epoch_0002"
+    assert result.checkpoint == f"s3://{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d}"
     pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2")
     keys = {o["Key"] for page in pages.paginate(Bucket=BUCKET, Prefix=f"ray/{name}/") for o in page.get("Contents", [])}
-    for epoch in (1, 2):
+    for epoch in (EPOCHS + 1, MORE):  # the epochs this run trained
         assert {f"ray/{name}/checkpoint_epoch_{epoch:04d}/{f}" for f in ("state.index", "imgcap_checkpoint.json")} <= keys
     assert f"ray/{name}/checkpoint_manager_snapshot.json" in keys
     assert not any(".imgcap_probe" in k for k in keys)  # the storage probe was deleted
     assert not (Path(config.output_dir) / "ray_results").exists() and (Path(config.output_dir) / "bundle").is_dir()
-    assert [h.epoch for h in result.history] == [1, 2]
+    assert [h.epoch for h in result.history] == list(range(1, MORE + 1))
     s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_server)
-    assert find_latest_checkpoint(f"{BUCKET}/ray", s3) == f"{BUCKET}/ray/{name}/checkpoint_epoch_0002"
+    assert find_latest_checkpoint(f"{BUCKET}/ray", s3) == f"{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d}"
 
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
     again = train_on_ray(config)  # the finished run, read back from the bucket: no training
     assert not again.trained and [h.as_dict() for h in again.history] == [h.as_dict() for h in result.history]
-    with pytest.raises(ConfigError, match=f"the checkpoint s3://{BUCKET}/ray/{name}/checkpoint_epoch_0002 is at "
-                                          r"xe epoch 2 .* phase is done \(train.epochs = 2"):  # ray.resume_from as a URI
-        train_on_ray(job_config(toy_files, Path(config.output_dir).parent / "other", train={"epochs": 2},
+    with pytest.raises(ConfigError, match=f"the checkpoint s3://{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d} is at "
+                                          rf"xe epoch {MORE} .* phase is done \(train.epochs = {MORE}"):  # ray.resume_from as a URI
+        train_on_ray(job_config(toy_files, Path(config.output_dir).parent / "other", train={"epochs": MORE},
                                 ray={"resume_from": f"s3://{BUCKET}/ray/{name}", "storage_endpoint_url": s3_server}))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -41,17 +42,38 @@ def output_ids(uri: str, s3: S3Options = S3Options()) -> list[str]:
             for i in pq.read_table(path, columns=["image_id"], filesystem=output.filesystem)["image_id"].to_pylist()]
 
 
-def three_node_cluster(env: dict[str, str]) -> tuple[Any, list]:
+def three_node_cluster(env: dict[str, str], system_config: dict[str, Any] | None = None) -> tuple[Any, list]:
     """A head with no CPUs (it only runs the driver) and two 2-CPU worker nodes on this machine, every worker
-    with `env`, and this process connected to it as the driver. Returns (the cluster, its worker nodes)."""
+    with `env`, and this process connected to it as the driver; `system_config` is the head's Ray
+    ``_system_config`` (e.g. `FAST_NODE_DEATH`). Returns (the cluster, its worker nodes).
+
+    The head's dashboard (the state API that jobs read what Ray recovered from, `RecoveryWatch`) gets a free
+    port of its own: `Cluster` asks for 8265 alone, and where another Ray on the machine holds that port it
+    starts no dashboard at all, silently, and every job's recovery report is None."""
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": env})
+    head = {"num_cpus": 0, "env_vars": env, "include_dashboard": True, "dashboard_port": _free_port(),
+            **({"_system_config": system_config} if system_config else {})}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     workers = [cluster.add_node(num_cpus=2, env_vars=env) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     return cluster, workers
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Ray's GCS declares a node dead after `health_check_failure_threshold` failed health checks
+# `health_check_period_ms` apart (defaults 5 x 3 s: 15 s). A raylet removed without grace refuses the checks at
+# once, so these settings let the GCS find it dead in about 3 s instead; a live but busy raylet still fails a
+# check only by not answering within `health_check_timeout_ms` (left at Ray's default), three times in a row.
+# For the tests, where that wait was half of the node-loss test's time; the benchmarks keep Ray's defaults.
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 def remove_node_on_marker(cluster, workers: list, marker: Path, timeout_s: float = 120) -> threading.Thread:
