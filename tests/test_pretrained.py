@@ -37,9 +37,8 @@ def test_the_default_model_is_packaged_small_and_records_its_export_check():
     assert check["images"] == 1000 and check["changed"] == len(check["changed_ids"])
     if meta["weights_dtype"] == "float32":
         assert check["changed"] == 0, check
-    shared_dev = {n.strip().removesuffix(".jpg") for n in
-                  (REPO.parent / "shared" / "flickr8k" / "Flickr_8k.devImages.txt").read_text().split()[:100]} \
-        if SHARED.is_dir() else set()
+    shared_dev = ({n.removesuffix(".jpg") for n in (SHARED / "Flickr_8k.devImages.txt").read_text().split()[:100]}
+                  if SHARED.is_dir() else set())
     assert not shared_dev & set(check["changed_ids"]), check
     bundle = load_bundle(DEFAULT_BUNDLE)
     assert bundle.embedding.backbone == "efficientnet_lite2" and bundle.model.regions == 81
