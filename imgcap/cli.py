@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from imgcap.config.loader import ConfigError, load_config
 from imgcap.data.captions import CaptionFormatError
 from imgcap.io.sources import SourceError
-from imgcap.pretrained import DEFAULT_BUNDLE
+from imgcap.pretrained import DEFAULT_BUNDLE, model_label
 from imgcap.runtime.cluster import init_ray
 from imgcap.runtime.logs import import_tensorflow, quiet_tensorflow, setup_logging
 from imgcap.vision.backbones import BackboneError
@@ -98,8 +98,8 @@ def _caption_command(args: argparse.Namespace) -> int:
     except _USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    default = " (the default model; --bundle to use another)" if args.bundle == DEFAULT_BUNDLE else ""
-    print(f"model: {args.bundle}{default}, {captioner.bundle.fingerprint}", file=sys.stderr)
+    hint = "; --bundle to use another" if args.bundle == DEFAULT_BUNDLE else ""
+    print(f"model: {model_label(args.bundle)}, {captioner.bundle.fingerprint}{hint}", file=sys.stderr)
     results = captioner.caption(args.photos)
     for result in results:
         print(f"{result.source}\t{result.caption if result.error is None else 'error: ' + result.error}")

@@ -96,7 +96,8 @@ def test_imgcap_caption_uses_the_default_model_and_says_so(tmp_path):
     done = subprocess.run([str(imgcap), "caption", str(photo), str(tmp_path / "missing.jpg")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr  # one photo cannot be read
-    assert "model: imgcap:flickr8k (the default model; --bundle to use another)" in done.stderr
+    assert "model: imgcap:flickr8k (the default model), sha256:" in done.stderr
+    assert "; --bundle to use another" in done.stderr
     lines = dict(line.split("\t", 1) for line in done.stdout.splitlines())
     assert len(lines[str(photo)].split()) >= 3 and lines[str(tmp_path / "missing.jpg")].startswith("error:")
 

@@ -62,7 +62,7 @@ from imgcap.io.outputs import INCOMPLETE_DIR, OutputDirectory
 from imgcap.io.sources import list_images
 from imgcap.io.storage import S3Options, filesystem_for
 from imgcap.metrics.evaluate import EvaluationReport, coco_available, evaluate_captions
-from imgcap.pretrained import DEFAULT_BUNDLE
+from imgcap.pretrained import model_label
 from imgcap.runtime.cluster import init_ray
 from imgcap.runtime.fault_injection import fault_point
 from imgcap.runtime.logs import import_tensorflow
@@ -285,7 +285,7 @@ def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
             log.warning("no captioned image has references in %s: no scores written", config.references)
     outputs["html"] = write_contact_sheet(config, captions_out, table, scored, report, s3)
     ok, failed, failures = (written.ok, written.failed, written.failures) if written else (0, 0, ())
-    model = f"{config.bundle}{' (the default model)' if config.bundle == DEFAULT_BUNDLE else ''}, {bundle.fingerprint}"
+    model = f"{model_label(config.bundle)}, {bundle.fingerprint}"
     captioned = table.filter(pc.is_valid(table["caption"])).sort_by("image_id").slice(0, EXAMPLES)
     examples = tuple(zip(captioned["image_id"].to_pylist(), captioned["caption"].to_pylist()))
     return CaptionJobResult(config.output_dir, listed, skipped, ok, failed, seconds, incomplete, report, outputs,

@@ -133,6 +133,12 @@ def _compact_weights(weights_file: Path, dtype: WeightsDtype) -> None:
     compact.replace(weights_file)
 
 
+def is_bundle_reference(source: str) -> bool:
+    """Whether `source` names a bundle: a packaged model (``imgcap:<name>``), a URI, or a directory holding
+    bundle.json (rather than, say, a checkpoint or run directory)."""
+    return source.startswith(SCHEME) or "://" in source or (Path(source) / _META).is_file()
+
+
 def bundle_directory(bundle_path: str | Path, s3: S3Options | None = None) -> Path:
     """The local directory of a bundle: a packaged model (``imgcap:<name>``), a copy of one at a URI
     (``s3://...``, fetched once per process with `s3`'s options), or the directory given."""

@@ -16,6 +16,11 @@ SCHEME = "imgcap:"
 DEFAULT_BUNDLE = f"{SCHEME}flickr8k"  # what captioning uses when no bundle is given
 
 
+def model_label(bundle: str) -> str:
+    """How the jobs and the CLI name the model they caption with: the bundle as given, and whether it is the default."""
+    return f"{bundle} (the default model)" if bundle == DEFAULT_BUNDLE else bundle
+
+
 def packaged_models() -> list[str]:
     """The names of the packaged models (``imgcap:<name>``)."""
     root = resources.files(__name__)

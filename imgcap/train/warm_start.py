@@ -11,9 +11,8 @@ from imgcap.config.loader import ConfigError, config_to_dict
 from imgcap.config.training import TrainJobConfig
 from imgcap.data.dataset import TrainingData
 from imgcap.data.text import Vocabulary
-from imgcap.model.bundle import load_bundle
+from imgcap.model.bundle import is_bundle_reference, load_bundle
 from imgcap.model.decoder import Decoder, build_model, create_decoder
-from imgcap.pretrained import SCHEME
 from imgcap.train.resume import check_same_model
 from imgcap.train.state import (
     CHECKPOINT_META,
@@ -46,7 +45,7 @@ def initial_model(config: TrainJobConfig) -> InitialModel | None:
     if not (config.scst.enabled and source):
         return None
     fix = "point scst.init_from at a model bundle or a checkpoint, run or output directory of cross-entropy training"
-    if "://" in source or source.startswith(SCHEME) or (Path(source) / "bundle.json").is_file():
+    if is_bundle_reference(source):
         try:
             bundle = load_bundle(source)
         except (OSError, ValueError) as exc:
