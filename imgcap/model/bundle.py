@@ -133,6 +133,15 @@ def _compact_weights(weights_file: Path, dtype: WeightsDtype) -> None:
     compact.replace(weights_file)
 
 
+def update_provenance(directory: str | Path, **entries: Any) -> None:
+    """Add `entries` to the provenance of the bundle saved in `directory`: its bundle.json is rewritten, its
+    weights are not (so a check of the saved weights can be recorded without writing them again)."""
+    path = Path(directory) / _META
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["provenance"] = {**meta.get("provenance", {}), **entries}
+    path.write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+
+
 def is_bundle_reference(source: str) -> bool:
     """Whether `source` names a bundle: a packaged model (``imgcap:<name>``), a URI, or a directory holding
     bundle.json (rather than, say, a checkpoint or run directory)."""

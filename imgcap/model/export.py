@@ -5,13 +5,12 @@ The check is recorded in the copy's provenance, so a shipped bundle says what it
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from imgcap.data.captions import read_split_file
 from imgcap.data.feature_table import load_features
-from imgcap.model.bundle import WeightsDtype, load_bundle
+from imgcap.model.bundle import WeightsDtype, load_bundle, update_provenance
 
 
 @dataclass(frozen=True)
@@ -38,18 +37,16 @@ def export_bundle(bundle_path: str, directory: str | Path, weights_dtype: Weight
     copy's provenance (``export.check``)."""
     original = load_bundle(bundle_path)
     export = {"from": str(bundle_path), "fingerprint": original.fingerprint, "weights_dtype": weights_dtype}
-    check = None
-    if check_features:
-        table = load_features(check_features)
-        if check_split:
-            table = table.select(sorted(set(read_split_file(check_split)) & set(table.ids)))
-        with tempfile.TemporaryDirectory(prefix="imgcap-export-") as scratch:
-            copy = load_bundle(original.save(scratch, weights_dtype))
-            before, after = original.caption(table.features), copy.caption(table.features)
-        changed = [(i, " ".join(b), " ".join(a)) for i, b, a in zip(table.ids, before, after) if b != a]
-        check = ExportCheck(str(check_features), len(table.ids), len(changed), tuple(i for i, _, _ in changed),
-                            tuple(changed[:5]))
-        export["check"] = asdict(check)
     original.provenance = {**original.provenance, "export": export}
     original.save(directory, weights_dtype)
+    if not check_features:
+        return None
+    table = load_features(check_features)
+    if check_split:
+        table = table.select(sorted(set(read_split_file(check_split)) & set(table.ids)))
+    before, after = original.caption(table.features), load_bundle(directory).caption(table.features)
+    changed = [(i, " ".join(b), " ".join(a)) for i, b, a in zip(table.ids, before, after) if b != a]
+    check = ExportCheck(str(check_features), len(table.ids), len(changed), tuple(i for i, _, _ in changed),
+                        tuple(changed[:5]))
+    update_provenance(directory, export={**export, "check": asdict(check)})
     return check
