@@ -13,11 +13,6 @@ BIN     = $(VENV)/bin
 INTEGRATION = ray or s3 or browser or subprocess
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="--durations=25 -x"
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist), each given whole files (--dist loadfile), so a file's module-scoped Ray Train
-# runs and clusters are made once. Two suit a 2-core machine: much of a test's time is spent waiting on process
-# start-up; each process has its own 2-CPU local Ray. TEST_WORKERS=0 runs everything in this process.
-TEST_WORKERS ?= 2
-XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo demo-pipeline test test-unit test-all bench clean browser
 
@@ -43,13 +38,13 @@ browser:
 		echo "chromium could not be installed: the HTML report tests will be skipped"
 
 test: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -m "not slow" -q $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow and not ($(INTEGRATION))" -q $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not ($(INTEGRATION))" -q $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_captioner.py
