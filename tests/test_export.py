@@ -6,6 +6,7 @@ import json
 
 import h5py
 import numpy as np
+import pytest
 
 from imgcap.config.model import DecodeConfig, TextConfig
 from imgcap.model.bundle import CaptionBundle, load_bundle
@@ -67,3 +68,12 @@ def test_the_check_split_limits_the_check_to_its_images(trained_toy, toy, tmp_pa
 
     assert check.images == len(listed)
     assert all(image_id in listed for image_id, _, _ in check.examples)
+
+
+def test_a_check_that_cannot_run_fails_before_anything_is_written(trained_toy, tmp_path):
+    source = _saved(trained_toy, tmp_path / "float32")
+
+    with pytest.raises(FileNotFoundError):
+        export_bundle(source, tmp_path / "out", "float16", str(tmp_path / "missing.npz"))
+
+    assert not (tmp_path / "out").exists()  # no bundle without the check that was asked for

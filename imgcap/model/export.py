@@ -36,14 +36,14 @@ def export_bundle(bundle_path: str, directory: str | Path, weights_dtype: Weight
     images), caption those images with the original and the copy, and record how many captions changed in the
     copy's provenance (``export.check``)."""
     original = load_bundle(bundle_path)
+    table = load_features(check_features) if check_features else None  # a bad check fails before anything is written
+    if table is not None and check_split:
+        table = table.select(sorted(set(read_split_file(check_split)) & set(table.ids)))
     export = {"from": str(bundle_path), "fingerprint": original.fingerprint, "weights_dtype": weights_dtype}
     original.provenance = {**original.provenance, "export": export}
     original.save(directory, weights_dtype)
-    if not check_features:
+    if table is None:
         return None
-    table = load_features(check_features)
-    if check_split:
-        table = table.select(sorted(set(read_split_file(check_split)) & set(table.ids)))
     before, after = original.caption(table.features), load_bundle(directory).caption(table.features)
     changed = [(i, " ".join(b), " ".join(a)) for i, b, a in zip(table.ids, before, after) if b != a]
     check = ExportCheck(str(check_features), len(table.ids), len(changed), tuple(i for i, _, _ in changed),
