@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ from imgcap.testing.fault_harness import (  # noqa: E402
     run_killed,
     three_node_cluster,
 )
-from imgcap.testing.fixtures import untrained_bundle  # noqa: E402
+from imgcap.testing.fixtures import free_ports, untrained_bundle  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 SHARED_IMAGES = SHARED / "flickr8k" / "Images"
@@ -195,9 +194,7 @@ def s3_scenario(root: Path, images: Path, expected: int) -> list[Row]:
 
     from imgcap.testing.flaky_s3 import FlakyS3Proxy
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_ports()[0]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -18,7 +18,6 @@ or subprocess)"``) never starts a cluster, a server, a browser or a child proces
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from imgcap.testing.browser import Browser, chromium_binary
+from imgcap.testing.fixtures import free_ports
 
 # Fixture -> the markers of every test that uses it (directly or through another fixture).
 FIXTURE_MARKERS = {
@@ -105,9 +105,7 @@ def s3_server() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1 at a free port; yields its endpoint URL. The test process gets the fake
     credentials (and no AWS profile) for the session."""
     server_mod = pytest.importorskip("moto.server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_ports()[0]
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     with pytest.MonkeyPatch.context() as patch:

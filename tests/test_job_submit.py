@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from imgcap.config.jobs import CaptionJobConfig
 from imgcap.config.loader import load_config
 from imgcap.config.model import DecodeConfig, ModelConfig, TextConfig
 from imgcap.data.text import Vocabulary, normalize
+from imgcap.testing.fixtures import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: its `ray`, and the `python` job entrypoints run
@@ -52,18 +52,6 @@ QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 # --- the head -----------------------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free right now (held open together so they differ, then released for Ray)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def head_processes(session_id: int, temp_dir: str) -> dict[int, str]:

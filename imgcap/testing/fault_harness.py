@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 
 from imgcap.io.outputs import OutputDirectory
 from imgcap.io.storage import S3Options
+from imgcap.testing.fixtures import free_ports
 
 
 @contextmanager
@@ -53,19 +53,13 @@ def three_node_cluster(env: dict[str, str], system_config: dict[str, Any] | None
     import ray
     from ray.cluster_utils import Cluster
 
-    head = {"num_cpus": 0, "env_vars": env, "include_dashboard": True, "dashboard_port": _free_port(),
+    head = {"num_cpus": 0, "env_vars": env, "include_dashboard": True, "dashboard_port": free_ports()[0],
             **({"_system_config": system_config} if system_config else {})}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     workers = [cluster.add_node(num_cpus=2, env_vars=env) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     return cluster, workers
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # Ray's GCS declares a node dead after `health_check_failure_threshold` failed health checks

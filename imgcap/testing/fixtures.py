@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests and the benchmarks: an untrained bundle, synthetic JPEGs.
+"""Fixtures shared by the tests and the benchmarks: an untrained bundle, synthetic JPEGs, free ports.
 
 `untrained_bundle` imports TensorFlow-backed modules inside the function on purpose: importing the fixtures
 must not load TensorFlow in a benchmark driver that never builds a model."""
@@ -6,6 +6,7 @@ must not load TensorFlow in a benchmark driver that never builds a model."""
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,19 @@ def untrained_bundle(directory: str | Path, architecture: str = "merge") -> str:
     model = build_model(config, vocab, 768, seed=0, regions=spec.regions)
     bundle = CaptionBundle(model, vocab, TextConfig(min_count=1), DecodeConfig(beam_width=2, max_length=6), spec)
     return str(bundle.save(directory))
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports on 127.0.0.1 free right now (held open together so they differ, then released
+    for the server that is about to bind them)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def synthetic_jpegs(distinct: int = 200, size: tuple[int, int] = (320, 240)) -> list[bytes]:
