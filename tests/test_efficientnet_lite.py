@@ -136,13 +136,15 @@ def test_feature_shapes_and_parameter_count(converted):
     assert converted.classifier.count_params() == expected_params == pytest.approx(6.15e6, rel=0.002)
     assert converted.classifier.output.shape == (None, 1000)
 
+    import keras
+
     x = _images(2)
     grid = lite.build_efficientnet_lite("efficientnet_lite2", pooling="none").predict(x, verbose=0)
     assert grid.shape == (2, 9, 9, 1280)
     assert grid.min() >= 0.0 and grid.max() <= 6.0  # after ReLU6
-    pooled = lite.build_efficientnet_lite("efficientnet_lite2", pooling="avg").predict(x, verbose=0)
-    assert pooled.shape == (2, 1280)
-    np.testing.assert_allclose(pooled, grid.mean(axis=(1, 2)), atol=1e-5)
+    # pooling = "avg" is the classifier's pooled layer (test_conversion_is_cached_and_the_next_build_loads_the_cache)
+    pooled = keras.Model(converted.classifier.input, converted.classifier.get_layer("avg_pool").output)
+    np.testing.assert_allclose(pooled.predict(x, verbose=0), grid.mean(axis=(1, 2)), atol=1e-5)
 
     other = lite.build_efficientnet_lite("efficientnet_lite2", weights=None, pooling="max", input_size=(224, 200))
     assert other.output.shape == (None, 1280)
@@ -164,7 +166,8 @@ def _caption_groups(images_dir: Path, captions: Path) -> tuple[list[Path], list[
 
 def test_converted_lite2_is_the_imagenet_classifier_dogs_vs_others(converted):
     """Photos whose captions mention a dog are mostly classified as a dog breed; the others almost never.
-    Measured with these 300 photos: 62/80 dog photos (0.775), 2/220 others (0.009)."""
+    Measured with all 300 shared photos: 62/80 dog photos (0.775), 2/220 others (0.009); the test classifies
+    the dog photos and the first 100 others."""
     images_dir, captions = SHARED / "flickr8k" / "Images", SHARED / "flickr8k" / "Flickr8k.token.txt"
     if not images_dir.is_dir() or not captions.is_file():
         pytest.skip(f"shared Flickr8k photos and captions not found under {SHARED / 'flickr8k'}")
@@ -172,6 +175,7 @@ def test_converted_lite2_is_the_imagenet_classifier_dogs_vs_others(converted):
 
     dogs, others = _caption_groups(images_dir, captions)
     assert len(dogs) >= 30 and len(others) >= 100
+    others = others[:100]
     photos = dogs + others
     size = LITE2.input_size
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.Resampling.BILINEAR))

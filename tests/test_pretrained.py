@@ -53,13 +53,16 @@ def test_an_unknown_model_name_lists_the_packaged_models():
 
 @needs_shared
 def test_the_default_model_captions_dev_photos_as_from_their_features(ray_local, tmp_path):
-    """The 100 dev photos of ../shared (the same bytes as the tar's members the model's training features
+    """50 of the 100 dev photos of ../shared (the same bytes as the tar's members the model's training features
     came from), captioned through the bulk job from images with the model by name, score as they do through
     extraction (as training made its features) + the job from features."""
     bundle = load_bundle(DEFAULT_BUNDLE)
-    dev, references = SHARED / "Flickr_8k.devImages.txt", str(SHARED / "Flickr8k.token.txt")
-    photos = [SHARED / "Images" / name for name in dev.read_text().split() if (SHARED / "Images" / name).is_file()]
+    shared_dev = (SHARED / "Flickr_8k.devImages.txt").read_text().split()
+    photos = [SHARED / "Images" / name for name in shared_dev if (SHARED / "Images" / name).is_file()]
     assert len(photos) == 100
+    photos = photos[:50]
+    dev, references = tmp_path / "dev_split.txt", str(SHARED / "Flickr8k.token.txt")
+    dev.write_text("".join(f"{p.name}\n" for p in photos), encoding="utf-8")
     listed = tmp_path / "dev_photos.txt"
     listed.write_text("".join(f"{p}\n" for p in photos), encoding="utf-8")
     spec = bundle.embedding
@@ -72,14 +75,14 @@ def test_the_default_model_captions_dev_photos_as_from_their_features(ray_local,
     from_features = run_caption_job(CaptionJobConfig(features=str(tmp_path / "features"), split=str(dev),
                                                      references=references, output_dir=str(tmp_path / "features_run")))
 
-    assert from_images.report.num_images == from_features.report.num_images == 100
+    assert from_images.report.num_images == from_features.report.num_images == 50
     assert "imgcap:flickr8k (the default model)" in from_images.format()
     bleu_images, bleu_features = from_images.report.nltk_bleu[3], from_features.report.nltk_bleu[3]
     assert abs(bleu_images - bleu_features) <= 0.02, (bleu_images, bleu_features)
     assert bleu_images > 0.1  # a Flickr8k model on Flickr8k photos: far above a model that captions anything
     a, b = ({r["image_id"]: r["caption"] for r in pq.read_table(tmp_path / run / "captions").to_pylist()}
             for run in ("images", "features_run"))
-    assert set(a) == set(b) and sum(a[i] == b[i] for i in b) >= 90  # float16 grids: a few beams may differ
+    assert set(a) == set(b) and sum(a[i] == b[i] for i in b) >= 45  # float16 grids: a few beams may differ
     assert json.loads((tmp_path / "features" / "_embedding.json").read_text()) == spec.to_dict()
     # The Python API captions as the bulk job does (up to float rounding between CNN batches of other sizes).
     api = {Path(c.source).stem: c.caption for c in Captioner.load().caption([str(p) for p in photos[:20]])}
