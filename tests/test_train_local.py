@@ -41,14 +41,14 @@ def test_train_job_runs_both_phases_and_starts_from_a_bundle(toy_job_files, tmp_
     assert bundle.provenance["phases"] == ["xe", "scst"] and bundle.provenance["phase"] == "scst"
     assert all(h["train_reward"] > 0 for h in bundle.provenance["history"][2:])
 
-    xe_bundle = train_captioner(toy_job(toy_job_files, tmp_path / "xe"), progress=False).bundle_path
+    # Self-critical training started from a bundle (here the one just trained): no cross-entropy epochs.
     started = train_captioner(toy_job(toy_job_files, tmp_path / "from_bundle",
-                                      scst={**scst, "init_from": str(xe_bundle)}), progress=False)
+                                      scst={**scst, "init_from": str(both.bundle_path)}), progress=False)
     assert [h.phase for h in started.history] == ["scst", "scst"]
-    assert load_bundle(started.bundle_path).provenance["init_from"] == str(xe_bundle)
+    assert load_bundle(started.bundle_path).provenance["init_from"] == str(both.bundle_path)
     with pytest.raises(ConfigError, match=r"model.units is 32 but scst.init_from .* was trained with 64"):
         train_captioner(toy_job(toy_job_files, tmp_path / "bad", model={"units": 32},
-                                scst={**scst, "init_from": str(xe_bundle)}), progress=False)
+                                scst={**scst, "init_from": str(both.bundle_path)}), progress=False)
     with pytest.raises(ConfigError, match="neither a bundle"):
         train_captioner(toy_job(toy_job_files, tmp_path / "bad", scst={**scst, "init_from": str(tmp_path)}),
                         progress=False)
