@@ -81,6 +81,12 @@ class Converted:
     keras_home: Path
     reads_during_build: int
 
+    def pooled(self, x: np.ndarray) -> np.ndarray:
+        """The classifier's own pooled layer (what pooling = "avg" must give) for the images `x`."""
+        import keras
+
+        return keras.Model(self.classifier.input, self.classifier.get_layer("avg_pool").output).predict(x, verbose=0)
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Iterator[Converted]:
@@ -99,8 +105,6 @@ def _images(count: int, size: int = 260, seed: int = 0) -> np.ndarray:
 
 
 def test_conversion_is_cached_and_the_next_build_loads_the_cache(converted):
-    import keras
-
     cache = lite.weights_cache_path(LITE2.name, LITE2.sha256)
     assert converted.reads_during_build == 1  # the first build parsed the .pth once
     assert cache.parent == converted.keras_home / "models" and cache.is_file()
@@ -112,8 +116,7 @@ def test_conversion_is_cached_and_the_next_build_loads_the_cache(converted):
 
     assert torch_weights.state_dict_reads() == reads and cache.stat().st_mtime_ns == mtime
     x = _images(2)
-    pooled = keras.Model(converted.classifier.input, converted.classifier.get_layer("avg_pool").output)
-    np.testing.assert_allclose(features.predict(x, verbose=0), pooled.predict(x, verbose=0), atol=1e-5)
+    np.testing.assert_allclose(features.predict(x, verbose=0), converted.pooled(x), atol=1e-5)
 
 
 def test_a_tweaked_pth_is_converted_under_its_own_cache_name(converted, tmp_path):
@@ -136,15 +139,12 @@ def test_feature_shapes_and_parameter_count(converted):
     assert converted.classifier.count_params() == expected_params == pytest.approx(6.15e6, rel=0.002)
     assert converted.classifier.output.shape == (None, 1000)
 
-    import keras
-
     x = _images(2)
     grid = lite.build_efficientnet_lite("efficientnet_lite2", pooling="none").predict(x, verbose=0)
     assert grid.shape == (2, 9, 9, 1280)
     assert grid.min() >= 0.0 and grid.max() <= 6.0  # after ReLU6
-    # pooling = "avg" is the classifier's pooled layer (test_conversion_is_cached_and_the_next_build_loads_the_cache)
-    pooled = keras.Model(converted.classifier.input, converted.classifier.get_layer("avg_pool").output)
-    np.testing.assert_allclose(pooled.predict(x, verbose=0), grid.mean(axis=(1, 2)), atol=1e-5)
+    # pooling = "avg" gives the classifier's pooled layer (test_conversion_is_cached_and_the_next_build_loads_the_cache)
+    np.testing.assert_allclose(converted.pooled(x), grid.mean(axis=(1, 2)), atol=1e-5)
 
     other = lite.build_efficientnet_lite("efficientnet_lite2", weights=None, pooling="max", input_size=(224, 200))
     assert other.output.shape == (None, 1280)
