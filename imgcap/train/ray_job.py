@@ -40,15 +40,6 @@ from imgcap.train.state import (
 log = logging.getLogger(__name__)
 
 
-# --- storage: local paths and pyarrow filesystem URIs
-
-
-# --- the worker loop
-
-
-# --- the driver
-
-
 @dataclass
 class DistributedTrainResult:
     """What `train_on_ray` produced: the bundle, the per-epoch history, the dev evaluation and the Ray run."""
