@@ -206,9 +206,20 @@ def three_nodes():
         start_local_ray()
 
 
-def test_a_node_removed_mid_job_loses_nothing(three_nodes, tmp_path):
-    """images -> captions, the product's job: a worker node removed while its captioner actor holds a batch."""
+@pytest.fixture()
+def two_worker_nodes(three_nodes):
+    """The three-node cluster for a test that removes a worker node; afterwards new nodes bring it back to two
+    worker nodes for the next test."""
     cluster, workers = three_nodes
+    yield cluster, workers
+    while len(workers) < 2:  # remove_node_on_marker drops the removed node from `workers`
+        workers.append(cluster.add_node(num_cpus=2, env_vars=TEST_WORKER_ENV))
+    cluster.wait_for_nodes()
+
+
+def test_a_node_removed_mid_job_loses_nothing(two_worker_nodes, tmp_path):
+    """images -> captions, the product's job: a worker node removed while its captioner actor holds a batch."""
+    cluster, workers = two_worker_nodes
     images = write_jpegs(tmp_path / "images", 96)
     expected = {p.stem for p in images}
     bundle = untrained_bundle(tmp_path / "bundle")
@@ -223,13 +234,11 @@ def test_a_node_removed_mid_job_loses_nothing(three_nodes, tmp_path):
     assert_exactly_once(output_ids(str(tmp_path / "captions" / "captions")), expected)
     assert captioned.recovery is not None and captioned.recovery.nodes_lost == 1
     assert "nodes lost 1" in captioned.format()
-    workers.append(cluster.add_node(num_cpus=2, env_vars=TEST_WORKER_ENV))  # back to two worker nodes
-    cluster.wait_for_nodes()
 
 
 @pytest.mark.slow  # ~30 s; the same recovery as the images -> captions job above, in the extraction job
-def test_a_node_removed_mid_extraction_loses_nothing(three_nodes, tmp_path):
-    cluster, workers = three_nodes
+def test_a_node_removed_mid_extraction_loses_nothing(two_worker_nodes, tmp_path):
+    cluster, workers = two_worker_nodes
     images = write_jpegs(tmp_path / "images", 96)
     expected = {p.stem for p in images}
     marker = tmp_path / "extract.marker"
@@ -242,8 +251,6 @@ def test_a_node_removed_mid_extraction_loses_nothing(three_nodes, tmp_path):
     assert (extracted.ok, extracted.failed, extracted.missing) == (96, 0, 0)
     assert_exactly_once(output_ids(str(tmp_path / "features")), expected)
     assert extracted.recovery is not None and extracted.recovery.nodes_lost == 1, extracted.format()
-    workers.append(cluster.add_node(num_cpus=2, env_vars=TEST_WORKER_ENV))  # back to two worker nodes
-    cluster.wait_for_nodes()
 
 
 # --- drivers SIGKILLed, the same command rerun

@@ -139,10 +139,14 @@ def test_resume_continues_the_epoch_count(resumed_in_s3, two_workers, s3_server,
     import pyarrow.fs
     import tensorflow as tf
 
+    from imgcap.model.bundle import load_bundle
     from imgcap.train.state import CHECKPOINT_STATE
 
     previous = two_workers
     _, result = resumed_in_s3
+    # where the run started, recorded by its checkpoints: the continuing rerun (and its bundle) still says so
+    assert result.resumed_from.endswith(f"checkpoint_epoch_{EPOCHS:04d}") and result.continued_from
+    assert load_bundle(result.bundle_path).provenance["resumed_from"] == result.resumed_from
     assert result.metrics["world_size"] == 1  # from 2 workers
     assert [h.epoch for h in result.history] == list(range(1, MORE + 1))
     assert [h.as_dict() for h in result.history[:EPOCHS]] == [h.as_dict() for h in previous.history]

@@ -209,6 +209,8 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
     if plan.resume:
         resume_shown = plan.resume if plan.resume_filesystem is None else \
             f"{config.ray.resume_from.partition('://')[0]}://{plan.resume}"
+    elif existing is not None:  # a rerun: where the run itself started, as its checkpoints record it
+        resume_shown = existing.meta.get("resumed_from")
     if plan.finished:
         log.info("the Ray Train run %s is already finished (%s epoch %d, best epoch %d): no training; the outputs "
                  "are written from its latest checkpoint %s", run.uri, existing.meta["phase"], existing.meta["epoch"],
@@ -226,6 +228,7 @@ def train_on_ray(config: TrainJobConfig) -> DistributedTrainResult:
             train_loop_per_worker,
             train_loop_config={"job": config_to_dict(config), "vocab": data.vocab.to_json(),
                                "resume_checkpoint": plan.resume, "resume_filesystem": plan.resume_filesystem,
+                               "resumed_from": resume_shown,
                                "fail_once": os.environ.get(FAIL_ONCE_ENV)},
             scaling_config=ScalingConfig(num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu,
                                          resources_per_worker=worker_bundle(config)),

@@ -114,8 +114,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             reported = {k: v for k, v in metrics.as_dict().items() if v is not None}
             reported.update(best_epoch=state.best_epoch, world_size=world_size, started_at_phase=started_at[0],
                             started_at_epoch=started_at[1], early_stop=state.stops_early(phase.config))
+            # resumed_from: the run's origin (ray.resume_from), kept in every checkpoint so a rerun that
+            # continues the run still records it in its bundle
             meta = {"job": loop_config["job"], "feature_dim": data.features.dim, "regions": data.regions,
-                    "vocab_size": len(vocab),
+                    "vocab_size": len(vocab), "resumed_from": loop_config.get("resumed_from"),
                     "world_size": world_size, "saved_at": time.time()}
             with tempfile.TemporaryDirectory() as tmp:
                 # Every worker writes the checkpoint (TensorFlow's rule for MultiWorkerMirroredStrategy: saving
