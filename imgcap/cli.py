@@ -153,13 +153,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--float16", action="store_true", help="store the weights as float16 (lossy)")
         parser.add_argument("--check-features", help="a features table to caption with both: counts the changes")
         parser.add_argument("--check-split", help="a split file: check only its images")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.KEY=VALUE",
+                            help="decode with this setting from now on (e.g. decode.no_repeat_ngram_size=2); "
+                                 "repeatable")
         args = parser.parse_args(rest)
         import_tensorflow()
         from imgcap.model.export import export_bundle
 
         try:
+            overrides = parse_overrides(args.overrides)
+            if not all(key.startswith("decode.") for key in overrides):
+                raise ConfigError(f"imgcap export --set takes decode.* keys only, got {', '.join(overrides)}")
             check = export_bundle(args.bundle, args.out, "float16" if args.float16 else "float32",
-                                  args.check_features, args.check_split)
+                                  args.check_features, args.check_split,
+                                  {key.removeprefix("decode."): value for key, value in overrides.items()})
         except (*_USER_ERRORS, KeyError, ValueError) as exc:  # KeyError: check images without features
             print(f"error: {exc}", file=sys.stderr)
             return 2

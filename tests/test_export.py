@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from imgcap.config.loader import ConfigError
 from imgcap.config.model import DecodeConfig, TextConfig
 from imgcap.model.bundle import CaptionBundle, load_bundle
 from imgcap.model.export import export_bundle
@@ -77,3 +78,41 @@ def test_a_check_that_cannot_run_fails_before_anything_is_written(trained_toy, t
         export_bundle(source, tmp_path / "out", "float16", str(tmp_path / "missing.npz"))
 
     assert not (tmp_path / "out").exists()  # no bundle without the check that was asked for
+
+
+def test_an_export_can_change_the_decoding_and_checks_with_it(trained_toy, toy, tmp_path):
+    source = _saved(trained_toy, tmp_path / "float32")
+    np.savez(tmp_path / "dev.npz", ids=np.array(toy.table.ids[320:]), features=toy.dev_features)
+
+    check = export_bundle(source, tmp_path / "copy", "float32", str(tmp_path / "dev.npz"),
+                          decode={"no_repeat_ngram_size": 2, "beam_width": 2})
+
+    exported = load_bundle(tmp_path / "copy")
+    assert exported.decode == DecodeConfig(beam_width=2, max_length=20, no_repeat_ngram_size=2)  # the rest kept
+    assert exported.provenance["export"]["decode"] == {"no_repeat_ngram_size": 2, "beam_width": 2}
+    # lossless weights, the same decoding on both sides: nothing changes, though the decoding did
+    assert check.changed == 0
+    assert exported.caption(toy.dev_features) != load_bundle(source).caption(toy.dev_features)
+
+
+def test_a_bad_decoding_key_fails_the_export_before_anything_is_written(trained_toy, tmp_path):
+    source = _saved(trained_toy, tmp_path / "float32")
+
+    with pytest.raises(ConfigError, match="no_repeat_ngram"):
+        export_bundle(source, tmp_path / "out", decode={"no_repeat_ngram": 2})
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size must be 0"):
+        export_bundle(source, tmp_path / "out", decode={"no_repeat_ngram_size": 1})
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_imgcap_export_takes_decode_settings_and_refuses_other_keys(trained_toy, tmp_path, capsys):
+    from imgcap.cli import main
+
+    source = _saved(trained_toy, tmp_path / "float32")
+    assert main(["export", "--out", str(tmp_path / "copy"), source, "--set", "decode.no_repeat_ngram_size=3"]) == 0
+    assert load_bundle(tmp_path / "copy").decode.no_repeat_ngram_size == 3
+
+    assert main(["export", "--out", str(tmp_path / "bad"), source, "--set", "model.units=8"]) == 2
+    assert "decode.* keys only, got model.units" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

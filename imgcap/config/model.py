@@ -53,17 +53,22 @@ class DecodeConfig:
     length_penalty: float = 0.0  # score = log p / length**length_penalty (0: plain log-probability)
     max_length: int = 30
     batch_size: int = 256
+    no_repeat_ngram_size: int = 0  # n >= 2: no caption repeats a sequence of n words (0: off)
 
     def __post_init__(self) -> None:
         require(self.beam_width >= 1, f"beam_width must be >= 1, got {self.beam_width}")
         require(self.length_penalty >= 0, "length_penalty must be >= 0")
         require(self.max_length >= 1, "max_length must be >= 1")
         require(self.batch_size >= 1, "batch_size must be >= 1")
+        require(self.no_repeat_ngram_size == 0 or self.no_repeat_ngram_size >= 2,
+                f"no_repeat_ngram_size must be 0 (off) or >= 2, got {self.no_repeat_ngram_size}")
 
     @property
     def label(self) -> str:
-        """How captions were decoded, for reports: "greedy", "beam-3", "beam-5 (length penalty 0.7)"."""
-        if self.beam_width == 1:
-            return "greedy"
-        penalty = f" (length penalty {self.length_penalty:g})" if self.length_penalty else ""
-        return f"beam-{self.beam_width}{penalty}"
+        """How captions were decoded, for reports: "greedy", "beam-3", "beam-5 (length penalty 0.7)",
+        "beam-5 (length penalty 1, no repeated 3-grams)"."""
+        notes = [f"length penalty {self.length_penalty:g}"] if self.length_penalty and self.beam_width > 1 else []
+        if self.no_repeat_ngram_size:
+            notes.append(f"no repeated {self.no_repeat_ngram_size}-grams")
+        name = "greedy" if self.beam_width == 1 else f"beam-{self.beam_width}"
+        return name + (f" ({', '.join(notes)})" if notes else "")

@@ -4,6 +4,8 @@ Both decoders are incremental: the decoder state (LSTM h/c) is carried from step
 token is fed, so a caption of n words costs n LSTM steps, not n re-runs of the prefix; what a step reads of the
 image (a merge model's projected vector, an attention model's projected regions) is computed once per image.
 Each runs as one compiled TensorFlow graph per batch. `<pad>`, `<unk>` and `<start>` are never emitted.
+With ``no_repeat_ngram_size = n`` greedy and beam search never repeat a sequence of n words within a caption
+(self-critical training makes captions such as "a white dog and a white dog are playing" more likely).
 
 A decoder works with anything that has the `CaptionModel` decoding interface: `initial_state(features) ->
 (image, state)` and `step(tokens, image, state) -> (logits, state)`, each a nest of tensors whose first
@@ -61,13 +63,37 @@ def _strip(rows: np.ndarray) -> list[list[int]]:
     return out
 
 
+def _repeat_ban(history: tf.Tensor, t: tf.Tensor, vocab_size: int, n: int) -> tf.Tensor:
+    """A [N, V] bias that forbids, in each row, every word that would complete an n-gram the row's caption
+    already holds: `history` is [N, L] word ids, its first `t` columns written (the words of steps 0..t-1).
+
+    Row r's last n-1 words are compared with every window of n-1 words that starts early enough for the word
+    after it to be written (start i < t - n + 1); the word after each match is banned. Windows past `t` are
+    masked, so unwritten columns never match, and before n-1 words exist nothing is banned."""
+    rows, length = tf.shape(history)[0], history.shape[1]
+    starts = length - n + 1  # i = 0 .. L - n: a window's words are i .. i + n - 2, the word after it i + n - 1
+    match = tf.range(starts)[None, :] < t - n + 1
+    for j in range(n - 1):  # static: n is a config value
+        last = tf.gather(history, tf.maximum(t - n + 1 + j, 0), axis=1)  # the row's (j+1)-th of its last n-1
+        match &= tf.equal(history[:, j : j + starts], last[:, None])
+    where = tf.where(match)  # [M, 2]: (row, window start)
+    banned = tf.gather_nd(history[:, n - 1 :], where)
+    # A word banned twice gets twice the impossible score: still finite, and as impossible.
+    return tf.scatter_nd(tf.stack([where[:, 0], tf.cast(banned, tf.int64)], axis=1),
+                         tf.fill(tf.shape(banned), _NEG), tf.cast(tf.stack([rows, vocab_size]), tf.int64))
+
+
 class _Decoder:
     """Shared batching: split images into batches, run the compiled search, collect tokens and scores."""
 
-    def __init__(self, model: StepModel, max_length: int = 30, batch_size: int = 256) -> None:
+    def __init__(self, model: StepModel, max_length: int = 30, batch_size: int = 256,
+                 no_repeat_ngram_size: int = 0) -> None:
         if max_length < 1 or batch_size < 1:
             raise ValueError("max_length and batch_size must be >= 1")
+        if no_repeat_ngram_size < 0 or no_repeat_ngram_size == 1:
+            raise ValueError(f"no_repeat_ngram_size must be 0 (off) or >= 2, got {no_repeat_ngram_size}")
         self.model, self.max_length, self.batch_size = model, max_length, batch_size
+        self.no_repeat_ngram_size = no_repeat_ngram_size
         self._banned = _banned_bias(model.vocab_size)
         self._search = tf.function(self._search_graph, input_signature=[
             tf.TensorSpec([None, model.feature_dim], tf.float32)], reduce_retracing=True)
@@ -108,14 +134,21 @@ class GreedyDecoder(_Decoder):
         finished = tf.zeros([batch], tf.bool)
         score = tf.zeros([batch], tf.float32)
         out = tf.TensorArray(tf.int32, size=self.max_length, element_shape=tf.TensorShape([None]))
+        n = self.no_repeat_ngram_size
+        history = tf.zeros([batch, self.max_length], tf.int32)  # read only when n-grams are not repeated
+        positions = tf.range(self.max_length)[None, :]
         for t in tf.range(self.max_length):
             logits, state = self.model.step(tokens, image, state)
             log_probs = tf.nn.log_softmax(logits + self._banned)
+            if n:  # after log_softmax: a caption's score stays the model's log-probability of its words
+                log_probs += _repeat_ban(history, t, self.model.vocab_size, n)
             tokens = tf.argmax(log_probs, axis=-1, output_type=tf.int32)
             step_score = tf.reduce_max(log_probs, axis=-1)
             score += tf.where(finished, 0.0, step_score)
             tokens = tf.where(finished, PAD_ID, tokens)
             out = out.write(t, tokens)
+            if n:
+                history = tf.where(positions == t, tokens[:, None], history)
             finished = finished | tf.equal(tokens, END_ID)
             if tf.reduce_all(finished):
                 break
@@ -133,11 +166,11 @@ class BeamSearchDecoder(_Decoder):
     """
 
     def __init__(self, model: StepModel, beam_width: int = 3, max_length: int = 30,
-                 batch_size: int = 256, length_penalty: float = 0.0) -> None:
+                 batch_size: int = 256, length_penalty: float = 0.0, no_repeat_ngram_size: int = 0) -> None:
         if beam_width < 1:
             raise ValueError(f"beam_width must be >= 1, got {beam_width}")
         self.beam_width, self.length_penalty = beam_width, length_penalty
-        super().__init__(model, max_length, batch_size)
+        super().__init__(model, max_length, batch_size, no_repeat_ngram_size)
 
     def _search_graph(self, features: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         k, v, length = self.beam_width, self.model.vocab_size, self.max_length
@@ -156,8 +189,10 @@ class BeamSearchDecoder(_Decoder):
         beam_offsets = (tf.range(batch) * k)[:, None]
         for t in tf.range(length):
             logits, state = self.model.step(tokens, image, state)
-            log_probs = tf.reshape(tf.nn.log_softmax(logits + self._banned), [batch, k, v])
-            log_probs = tf.where(finished[..., None], pad_only, log_probs)
+            log_probs = tf.nn.log_softmax(logits + self._banned)
+            if self.no_repeat_ngram_size:  # as in greedy; before the finished beams' <pad>-only override
+                log_probs += _repeat_ban(tf.reshape(history, [batch * k, length]), t, v, self.no_repeat_ngram_size)
+            log_probs = tf.where(finished[..., None], pad_only, tf.reshape(log_probs, [batch, k, v]))
             candidates = tf.reshape(scores[..., None] + log_probs, [batch, k * v])
             scores, best = tf.math.top_k(candidates, k=k)
             parent, word = best // v, best % v
@@ -227,6 +262,6 @@ class CaptionSampler:
 def make_decoder(model: StepModel, config: DecodeConfig) -> GreedyDecoder | BeamSearchDecoder:
     """The decoder a `DecodeConfig` asks for: greedy at beam width 1, beam search otherwise."""
     if config.beam_width == 1:
-        return GreedyDecoder(model, config.max_length, config.batch_size)
+        return GreedyDecoder(model, config.max_length, config.batch_size, config.no_repeat_ngram_size)
     return BeamSearchDecoder(model, config.beam_width, config.max_length, config.batch_size,
-                             config.length_penalty)
+                             config.length_penalty, config.no_repeat_ngram_size)

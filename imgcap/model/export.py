@@ -1,13 +1,17 @@
 """Exporting a bundle for shipping: a copy with its weights compressed (lossless float32, or float16 at about
-half that size), and a check, caption by caption, that the copy captions a set of images as the original does.
-The check is recorded in the copy's provenance, so a shipped bundle says what its weights were verified on.
+half that size), optionally with other decoding settings, and a check, caption by caption, that the copy
+captions a set of images as the original does with the same decoding. The check is recorded in the copy's
+provenance, so a shipped bundle says what its weights were verified on.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from imgcap.config.loader import config_from_dict, config_to_dict
+from imgcap.config.model import DecodeConfig
 from imgcap.data.captions import read_split_file
 from imgcap.data.feature_table import load_features
 from imgcap.model.bundle import WeightsDtype, load_bundle, update_provenance
@@ -30,16 +34,21 @@ class ExportCheck:
 
 
 def export_bundle(bundle_path: str, directory: str | Path, weights_dtype: WeightsDtype = "float32",
-                  check_features: str | None = None, check_split: str | None = None) -> ExportCheck | None:
-    """Copy the bundle at `bundle_path` to `directory`, its weights compressed as `weights_dtype`. With
+                  check_features: str | None = None, check_split: str | None = None,
+                  decode: dict[str, Any] | None = None) -> ExportCheck | None:
+    """Copy the bundle at `bundle_path` to `directory`, its weights compressed as `weights_dtype` and `decode`
+    (keys of `DecodeConfig`, e.g. {"no_repeat_ngram_size": 2}) replacing those of its recorded decoding. With
     `check_features` (a features table of the bundle's backbone; `check_split` limits it to a split file's
-    images), caption those images with the original and the copy, and record how many captions changed in the
-    copy's provenance (``export.check``)."""
+    images), caption those images with the original and the copy, both decoding as the copy does, and record
+    how many captions changed in the copy's provenance (``export.check``)."""
     original = load_bundle(bundle_path)
-    table = load_features(check_features) if check_features else None  # a bad check fails before anything is written
+    # Validated before anything is written, as is the check's table: a typo in a key fails the export.
+    original.decode = config_from_dict(DecodeConfig, {**config_to_dict(original.decode), **(decode or {})})
+    table = load_features(check_features) if check_features else None
     if table is not None and check_split:
         table = table.select(sorted(set(read_split_file(check_split)) & set(table.ids)))
-    export = {"from": str(bundle_path), "fingerprint": original.fingerprint, "weights_dtype": weights_dtype}
+    export = {"from": str(bundle_path), "fingerprint": original.fingerprint, "weights_dtype": weights_dtype,
+              **({"decode": decode} if decode else {})}
     original.provenance = {**original.provenance, "export": export}
     original.save(directory, weights_dtype)
     if table is None:
