@@ -64,14 +64,13 @@ def main() -> None:
     load_after = os.getloadavg()
 
     base = seconds["repeats allowed"]
-    print(f"beam search of {len(table.ids)} dev images x {args.rounds} rounds, bundle {args.bundle} "
-          f"({bundle.decode.label}), features {args.features}")
-    print(f"load average (1 min): {load_before[0]:.1f} at start, {load_after[0]:.1f} at end\n")
-    print("| decoding | images/s | cost per image (x repeats allowed) |")
-    print("|---|---:|---:|")
-    for name, spent in seconds.items():
-        print(f"| {name} | {len(table.ids) * args.rounds / spent:.1f} | {spent / base:.2f} |")
-
+    rows = [f"| {name} | {len(table.ids) * args.rounds / spent:.1f} | {spent / base:.2f} |"
+            for name, spent in seconds.items()]
+    print("\n".join([
+        f"beam search of {len(table.ids)} dev images x {args.rounds} rounds, bundle {args.bundle} "
+        f"({bundle.decode.label}), features {args.features}",
+        f"load average (1 min): {load_before[0]:.1f} at start, {load_after[0]:.1f} at end", "",
+        "| decoding | images/s | cost per image (x repeats allowed) |", "|---|---:|---:|", *rows]))
 
 if __name__ == "__main__":
     main()
