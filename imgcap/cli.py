@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument("--check-features", help="a features table to caption with both: counts the changes")
         parser.add_argument("--check-split", help="a split file: check only its images")
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.KEY=VALUE",
-                            help="decode with this setting from now on (e.g. decode.no_repeat_ngram_size=2); "
+                            help="the copy decodes so by default (e.g. decode.no_repeat_ngram_size=2); "
                                  "repeatable")
         args = parser.parse_args(rest)
         import_tensorflow()

@@ -135,7 +135,7 @@ class GreedyDecoder(_Decoder):
         score = tf.zeros([batch], tf.float32)
         out = tf.TensorArray(tf.int32, size=self.max_length, element_shape=tf.TensorShape([None]))
         n = self.no_repeat_ngram_size
-        history = tf.zeros([batch, self.max_length], tf.int32)  # read only when n-grams are not repeated
+        history = tf.zeros([batch, self.max_length], tf.int32)  # the words so far: written and read only with the ban
         positions = tf.range(self.max_length)[None, :]
         for t in tf.range(self.max_length):
             logits, state = self.model.step(tokens, image, state)
