@@ -88,13 +88,17 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
 
 
 def _caption_command(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from imgcap.captioner import Captioner
-    from imgcap.config.model import DecodeConfig
+    from imgcap.model.bundle import load_bundle
 
     weights = None if args.weights == "none" else args.weights
-    decode = DecodeConfig(beam_width=args.beam_width) if args.beam_width else None
     try:
-        captioner = Captioner.load(args.bundle, weights, decode)
+        bundle = load_bundle(args.bundle)
+        # --beam-width replaces the width only: the bundle's length penalty, repeat ban and length stay
+        decode = replace(bundle.decode, beam_width=args.beam_width) if args.beam_width else None
+        captioner = Captioner(bundle, weights, decode)
     except _USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

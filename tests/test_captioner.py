@@ -38,3 +38,27 @@ def test_unreadable_photos_get_their_error_and_the_others_their_caption(tmp_path
     assert "No such file" in results[0].error and "not an image" in results[1].error
     assert "RGB pixels [height, width, 3]" in results[2].error
     assert results[3].caption == captioner.caption([good])[0].caption
+
+
+def test_imgcap_caption_beam_width_keeps_the_rest_of_the_bundles_decoding(tmp_path, capsys):
+    from imgcap.cli import main
+    from imgcap.config.model import DecodeConfig
+
+    bundle = load_bundle(untrained_bundle(tmp_path / "untrained"))
+    bundle.decode = DecodeConfig(beam_width=2, max_length=6, no_repeat_ngram_size=2)
+    bundle_path = str(bundle.save(tmp_path / "bundle"))
+    photos = [tmp_path / f"p{i}.jpg" for i in range(6)]
+    for i, photo in enumerate(photos):
+        photo.write_bytes(jpeg_bytes(seed=i, width=120, height=90))
+    features = np.stack([thumbnail(p.read_bytes()) for p in photos]).astype(np.float32)
+
+    def captions(decode: DecodeConfig) -> list[str]:
+        return [" ".join(bundle.vocab.decode(ids)) for ids in bundle.decoder(decode).decode(features).tokens]
+
+    wanted = captions(DecodeConfig(beam_width=3, max_length=6, no_repeat_ngram_size=2))
+    assert wanted != captions(DecodeConfig(beam_width=3))  # the width alone, with default settings, differs
+
+    assert main(["caption", "--bundle", bundle_path, "--weights", "none", "--beam-width", "3",
+                 *map(str, photos)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[1] for line in lines] == wanted
