@@ -108,7 +108,8 @@ def test_the_repeat_ban_forbids_exactly_the_words_that_would_repeat_an_ngram():
 @pytest.fixture(scope="module")
 def untrained_merge():
     # An untrained decoder repeats itself ("w w w ..."), so it shows the ban at work.
-    keras = pytest.importorskip("keras")
+    import keras
+
     keras.utils.set_random_seed(3)
     return create_decoder(ModelConfig(units=16, embedding_dim=8), 12, 5)
 
