@@ -23,6 +23,7 @@ import argparse
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from imgcap.config.loader import ConfigError, load_config
@@ -88,8 +89,7 @@ def run_config_job(config: type[T] | Callable[[str, dict[str, Any]], T], run: Ca
 
 
 def _caption_command(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
+    import_tensorflow()  # before the bundle module imports it at top level: without the CPU-machine banners
     from imgcap.captioner import Captioner
     from imgcap.model.bundle import load_bundle
 

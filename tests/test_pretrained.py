@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_runtime import BANNERS  # TensorFlow's CPU-machine start-up lines
 
 from imgcap.batch.caption import run_caption_job
 from imgcap.batch.extract import extract_features
@@ -100,6 +101,7 @@ def test_imgcap_caption_uses_the_default_model_and_says_so(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr  # one photo cannot be read
     assert "model: imgcap:flickr8k (the default model), sha256:" in done.stderr
+    assert not [banner for banner in BANNERS if banner in done.stderr], done.stderr  # TensorFlow imported quietly
     assert "; --bundle to use another" in done.stderr
     lines = dict(line.split("\t", 1) for line in done.stdout.splitlines())
     assert len(lines[str(photo)].split()) >= 3 and lines[str(tmp_path / "missing.jpg")].startswith("error:")
